@@ -1,0 +1,336 @@
+"""The patient -> slide -> patch hierarchy as a dataset and a sampler.
+
+One dataset item is one patient: ``S`` slides of that patient, ``N`` patches of each slide and
+``T`` views of each patch, i.e. an image tensor ``[S, N, T, C, H, W]``. A batch of ``P`` items is
+``[P, S, N, T, C, H, W]``. The ``T`` views leave the dataset identical (base transform only); the
+strong augmentation runs batched on the training device (:class:`hlss.data.augment.BatchAugment`),
+which is where per-view randomness comes from.
+
+Which slides and patches an item holds is decided by a draw seed that the sampler hands over
+with the patient index, so the choice depends only on ``(seed, epoch, position in the epoch)``:
+the same for any number of data-loader workers, and distinct patients per rank.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset, Sampler
+
+from hlss.data.io import load_patch
+from hlss.data.table import PatchTable
+from hlss.errors import BadPatchError, ConfigError, DataError
+
+log = logging.getLogger(__name__)
+
+BAD_FILE_POLICIES = ("skip", "fail")
+
+
+@dataclass(frozen=True)
+class PatientIndex:
+    """Row indices of a patch table grouped as patient -> slide -> patches.
+
+    Attributes:
+        patients: patient ids, sorted.
+        labels: class index per patient, shape ``[num_patients]``.
+        slide_ids: per patient, the global slide index of each of its slides.
+        slide_names: global slide index -> ``"patient/slide"``.
+        rows: per patient, per slide, an int array of table row indices.
+    """
+
+    patients: list[str]
+    labels: np.ndarray
+    slide_ids: list[np.ndarray]
+    slide_names: list[str]
+    rows: list[list[np.ndarray]]
+
+    @classmethod
+    def from_table(cls, table: PatchTable) -> PatientIndex:
+        """Group a table's rows; one patient must have one label.
+
+        Raises:
+            DataError: the table is empty or a patient carries two different labels.
+        """
+        frame = table.frame
+        if len(frame) == 0:
+            raise DataError(f"{table.name}: no patches to build a hierarchy from")
+        labels_of = frame.groupby("patient", sort=True)["label"].unique()
+        mixed = [p for p, labs in labels_of.items() if len(labs) > 1]
+        if mixed:
+            raise DataError(f"{table.name}: patient {mixed[0]} has patches of several classes")
+        class_index = {c: i for i, c in enumerate(table.classes)}
+        patients = [str(p) for p in labels_of.index]
+        labels = np.array([class_index[labs[0]] for labs in labels_of.to_numpy()], dtype=np.int64)
+
+        patient_codes = {p: i for i, p in enumerate(patients)}
+        p_code = frame["patient"].map(patient_codes).to_numpy()
+        s_key = (frame["patient"] + "/" + frame["slide"]).to_numpy()
+        slide_names, s_code = np.unique(s_key, return_inverse=True)
+        order = np.lexsort((np.arange(len(frame)), s_code, p_code))
+        rows: list[list[np.ndarray]] = [[] for _ in patients]
+        slide_ids: list[list[int]] = [[] for _ in patients]
+        # split the sorted order wherever the slide changes
+        sorted_slides = s_code[order]
+        cuts = np.flatnonzero(np.diff(sorted_slides)) + 1
+        for chunk in np.split(order, cuts):
+            patient = int(p_code[chunk[0]])
+            rows[patient].append(chunk.astype(np.int64))
+            slide_ids[patient].append(int(s_code[chunk[0]]))
+        return cls(
+            patients=patients,
+            labels=labels,
+            slide_ids=[np.asarray(s, dtype=np.int64) for s in slide_ids],
+            slide_names=[str(s) for s in slide_names],
+            rows=rows,
+        )
+
+    def __len__(self) -> int:
+        return len(self.patients)
+
+
+def _cyclic_choice(rng: np.random.Generator, n_have: int, n_want: int) -> np.ndarray:
+    """``n_want`` indices into ``range(n_have)``: a random permutation, repeated when too short."""
+    perm = rng.permutation(n_have)
+    reps = math.ceil(n_want / n_have)
+    return np.tile(perm, reps)[:n_want]
+
+
+class HierarchicalDataset(Dataset):
+    """Patients as items of ``S x N x T`` images.
+
+    Args:
+        table: patches of ONE split.
+        slides_per_patient / patches_per_slide / views: ``S``, ``N``, ``T``.
+        transform: base transform, raw ``[C,H,W]`` numpy patch -> float tensor ``[C',H',W']``.
+        on_bad_file: ``"skip"`` replaces an unreadable/malformed patch by another patch of the same
+            patient and counts it (``item["bad"]``); ``"fail"`` raises :class:`BadPatchError`.
+
+    Items are fetched with a ``(patient_index, draw_seed)`` pair (what
+    :class:`HierarchicalSampler` yields) or a plain patient index (draw seed = index). An item is a
+    dict with ``image [S,N,T,C,H,W]`` float32, ``label`` (class index), ``patient`` (patient
+    index), ``slide [S]`` (global slide index), ``patch [S,N]`` (table row index) and ``bad``
+    (number of bad files replaced while building this item).
+    """
+
+    def __init__(
+        self,
+        table: PatchTable,
+        slides_per_patient: int = 2,
+        patches_per_slide: int = 2,
+        views: int = 2,
+        transform: Callable[[np.ndarray], torch.Tensor] | None = None,
+        on_bad_file: str = "skip",
+    ):
+        for name, value in (
+            ("slides_per_patient", slides_per_patient),
+            ("patches_per_slide", patches_per_slide),
+            ("views", views),
+        ):
+            if int(value) < 1:
+                raise ConfigError(f"{name} must be >= 1, got {value}")
+        if on_bad_file not in BAD_FILE_POLICIES:
+            raise ConfigError(
+                f"on_bad_file must be one of {BAD_FILE_POLICIES}, got {on_bad_file!r}"
+            )
+        self.table = table
+        self.index = PatientIndex.from_table(table)
+        self.paths = table.frame["path"].to_numpy()
+        self.modality = table.modality
+        self.S, self.N, self.T = int(slides_per_patient), int(patches_per_slide), int(views)
+        self.transform = transform if transform is not None else _to_float_tensor
+        self.on_bad_file = on_bad_file
+        self.bad_paths: set[str] = set()  # per process (each worker keeps its own)
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+    @property
+    def labels(self) -> np.ndarray:
+        """Class index per patient (what the sampler balances on)."""
+        return self.index.labels
+
+    def _load(self, row: int) -> torch.Tensor:
+        path = str(self.paths[row])
+        if path in self.bad_paths:
+            raise BadPatchError(path, "known bad file")
+        try:
+            return self.transform(load_patch(path, self.modality))
+        except BadPatchError as err:
+            self.bad_paths.add(path)
+            if self.on_bad_file == "skip":
+                log.warning("skipping bad patch %s", err)
+            raise
+
+    def _load_with_fallback(
+        self, patient: int, slide_pos: int, row: int
+    ) -> tuple[torch.Tensor, int]:
+        """Load ``row``; on a bad file try the patient's other patches (same slide first).
+
+        Returns the image and the number of bad files met. Every candidate is tried at most
+        once, so this ends; when none is readable the patient is reported. With
+        ``on_bad_file="fail"`` the first bad file raises :class:`BadPatchError`.
+        """
+        try:
+            return self._load(row), 0
+        except BadPatchError:
+            if self.on_bad_file == "fail":
+                raise
+        slides = self.index.rows[patient]
+        candidates = [r for r in slides[slide_pos] if r != row]
+        candidates += [r for s, rs in enumerate(slides) if s != slide_pos for r in rs]
+        bad = 1
+        for cand in candidates:
+            try:
+                return self._load(int(cand)), bad
+            except BadPatchError:
+                bad += 1
+        raise DataError(
+            f"patient {self.index.patients[patient]}: none of its {bad} patches could be read "
+            "(run hlss-validate on the dataset)"
+        )
+
+    def __getitem__(self, key: int | tuple[int, int]) -> dict[str, torch.Tensor]:
+        patient, draw_seed = (key, key) if isinstance(key, (int, np.integer)) else key
+        patient = int(patient)
+        rng = np.random.default_rng(int(draw_seed))
+        slide_rows = self.index.rows[patient]
+        slide_pick = _cyclic_choice(rng, len(slide_rows), self.S)
+        images, patch_rows, bad = [], np.empty((self.S, self.N), dtype=np.int64), 0
+        for s, slide_pos in enumerate(slide_pick):
+            rows = slide_rows[slide_pos]
+            picks = rows[_cyclic_choice(rng, len(rows), self.N)]
+            per_slide = []
+            for n, row in enumerate(picks):
+                img, n_bad = self._load_with_fallback(patient, int(slide_pos), int(row))
+                bad += n_bad
+                patch_rows[s, n] = row
+                per_slide.append(img)
+            images.append(torch.stack(per_slide))
+        image = torch.stack(images)  # [S, N, C, H, W]
+        image = image.unsqueeze(2).expand(-1, -1, self.T, -1, -1, -1)
+        return {
+            "image": image,
+            "label": torch.tensor(int(self.index.labels[patient])),
+            "patient": torch.tensor(patient),
+            "slide": torch.from_numpy(self.index.slide_ids[patient][slide_pick]),
+            "patch": torch.from_numpy(patch_rows),
+            "bad": torch.tensor(bad),
+        }
+
+
+def _to_float_tensor(raw: np.ndarray) -> torch.Tensor:
+    return torch.from_numpy(raw.astype(np.float32))
+
+
+class HierarchicalSampler(Sampler):
+    """Yields ``(patient_index, draw_seed)`` pairs, one epoch at a time.
+
+    Args:
+        labels: class index per patient (``HierarchicalDataset.labels``).
+        shuffle: random patient order per epoch (else index order).
+        balance: class-balanced epochs: patients are drawn round-robin over classes in random
+            class order, smaller classes cycling through their (reshuffled) patients, so every
+            class appears equally often; the epoch then has ``num_classes * largest_class`` items.
+        seed: base seed; the order depends only on ``(seed, epoch)``.
+        num_replicas / rank: distributed split; ``None`` reads them from ``torch.distributed``
+            when it is initialised at iteration time, else 1 / 0. The epoch order is padded by
+            wrapping to a multiple of ``num_replicas`` and rank ``r`` takes positions
+            ``r, r + num_replicas, ...``, so ranks see distinct patients (without balancing).
+        drop_last: drop the wrap-around padding instead (ranks may then see fewer items).
+
+    Call :meth:`set_epoch` each epoch (Lightning does it). Setting :attr:`skip_items` makes the
+    next iteration start that many items into this rank's epoch (used to resume mid-epoch).
+    """
+
+    def __init__(
+        self,
+        labels: np.ndarray,
+        shuffle: bool = True,
+        balance: bool = False,
+        seed: int = 0,
+        num_replicas: int | None = None,
+        rank: int | None = None,
+        drop_last: bool = False,
+    ):
+        self.labels = np.asarray(labels, dtype=np.int64)
+        if self.labels.size == 0:
+            raise DataError("no patients to sample from")
+        self.shuffle = shuffle
+        self.balance = balance
+        self.seed = int(seed)
+        self._num_replicas = num_replicas
+        self._rank = rank
+        self.drop_last = drop_last
+        self.epoch = 0
+        self.skip_items = 0  # skipped once at the start of the next iteration (mid-epoch resume)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+
+    def _world(self) -> tuple[int, int]:
+        replicas, rank = self._num_replicas, self._rank
+        if replicas is None or rank is None:
+            dist = torch.distributed
+            if dist.is_available() and dist.is_initialized():
+                replicas = dist.get_world_size() if replicas is None else replicas
+                rank = dist.get_rank() if rank is None else rank
+            else:
+                replicas = 1 if replicas is None else replicas
+                rank = 0 if rank is None else rank
+        if not 0 <= rank < replicas:
+            raise ConfigError(f"rank {rank} is outside [0, {replicas})")
+        return replicas, rank
+
+    def epoch_order(self) -> np.ndarray:
+        """The global (all ranks) patient order of the current epoch."""
+        rng = np.random.default_rng([self.seed, self.epoch])
+        n = len(self.labels)
+        if not self.balance:
+            return rng.permutation(n) if self.shuffle else np.arange(n)
+        classes = np.unique(self.labels)
+        members = {c: np.flatnonzero(self.labels == c) for c in classes}
+        per_class = max(len(m) for m in members.values())
+        columns = []
+        for c in classes:
+            m = members[c]
+            cycle = [
+                rng.permutation(m) if self.shuffle else m
+                for _ in range(math.ceil(per_class / len(m)))
+            ]
+            columns.append(np.concatenate(cycle)[:per_class])
+        grid = np.stack(columns, axis=1)  # [per_class, num_classes]: one round per row
+        if self.shuffle:
+            grid = rng.permuted(grid, axis=1)  # random class order within each round
+        return grid.reshape(-1)
+
+    def _positions(self) -> tuple[np.ndarray, np.ndarray]:
+        """This rank's patients and their slot numbers in the (padded) global epoch order."""
+        order = self.epoch_order()
+        replicas, rank = self._world()
+        if self.drop_last:
+            total = (len(order) // replicas) * replicas
+        else:
+            total = math.ceil(len(order) / replicas) * replicas
+        slots = np.arange(rank, total, replicas)
+        return order[slots % len(order)], slots  # padding wraps around to the start
+
+    def __iter__(self) -> Iterator[tuple[int, int]]:
+        patients, slots = self._positions()
+        skip, self.skip_items = self.skip_items, 0
+        for patient, slot in zip(patients[skip:].tolist(), slots[skip:].tolist(), strict=True):
+            seed = np.random.SeedSequence([self.seed, self.epoch, slot]).generate_state(1)[0]
+            yield patient, int(seed)
+
+    def __len__(self) -> int:
+        if self.balance:
+            counts = np.bincount(self.labels)
+            n = int(np.count_nonzero(counts) * counts.max())
+        else:
+            n = len(self.labels)
+        replicas, _ = self._world()
+        return n // replicas if self.drop_last else math.ceil(n / replicas)

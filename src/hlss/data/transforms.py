@@ -1,0 +1,141 @@
+"""Base (deterministic) transforms that turn a raw patch into a float image tensor.
+
+Raw patches come from :mod:`hlss.data.io`:
+
+* SRH: ``numpy`` array ``(2, H, W)`` of ``uint16``; channel 0 = CH2 (2845 cm^-1),
+  channel 1 = CH3 (2930 cm^-1).
+* H&E: ``numpy`` array ``(3, H, W)`` of ``uint8`` (RGB).
+
+Both base transforms return a ``float32`` tensor ``(3, H, W)`` with values in ``[0, 1]``. The
+random (strong) augmentation is applied later, batched and on the training device, by
+:class:`hlss.data.augment.BatchAugment`; evaluation uses the base transform only.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from hlss.errors import ConfigError, DataError
+
+__all__ = ["MODALITIES", "BaseTransform", "he_base", "srh_base"]
+
+SRH_SCALE = 65536.0
+SRH_OFFSET = 5000.0 / SRH_SCALE
+HE_SCALE = 255.0
+
+
+def _as_numpy(raw: np.ndarray | torch.Tensor) -> np.ndarray:
+    if isinstance(raw, torch.Tensor):
+        return raw.detach().cpu().numpy()
+    return np.asarray(raw)
+
+
+def _check_raw(arr: np.ndarray, channels: int, dtype: np.dtype, what: str) -> None:
+    if arr.ndim != 3 or arr.shape[0] != channels or arr.dtype != dtype:
+        raise DataError(
+            f"{what} patch must be {dtype.name} with shape ({channels}, H, W); "
+            f"got {arr.dtype.name} with shape {tuple(arr.shape)}"
+        )
+
+
+def srh_base(raw: np.ndarray | torch.Tensor) -> torch.Tensor:
+    """Map a raw SRH patch to a 3-channel float image.
+
+    Args:
+        raw: ``uint16`` array ``(2, H, W)``; channel 0 = CH2, channel 1 = CH3.
+
+    Returns:
+        ``float32`` tensor ``(3, H, W)``: ``[CH3 - CH2 + 5000/65536, CH2, CH3]`` after dividing
+        the raw counts by 65536, clamped to ``[0, 1]``. The difference is taken in float32, so
+        ``CH3 < CH2`` gives a negative value (then clamped to 0), never a uint16 wraparound.
+
+    Raises:
+        DataError: ``raw`` is not ``uint16`` with shape ``(2, H, W)``.
+    """
+    arr = _as_numpy(raw)
+    _check_raw(arr, 2, np.dtype(np.uint16), "SRH")
+    x = torch.from_numpy(arr.astype(np.float32)) / SRH_SCALE
+    ch2, ch3 = x[0], x[1]
+    out = torch.stack((ch3 - ch2 + SRH_OFFSET, ch2, ch3))
+    return out.clamp_(0.0, 1.0)
+
+
+def he_base(raw: np.ndarray | torch.Tensor) -> torch.Tensor:
+    """Map a raw 8-bit H&E patch to a float image.
+
+    Args:
+        raw: ``uint8`` array ``(3, H, W)`` (RGB).
+
+    Returns:
+        ``float32`` tensor ``(3, H, W)`` equal to ``raw / 255`` (values in ``[0, 1]``).
+
+    Raises:
+        DataError: ``raw`` is not ``uint8`` with shape ``(3, H, W)``.
+    """
+    arr = _as_numpy(raw)
+    _check_raw(arr, 3, np.dtype(np.uint8), "H&E")
+    return torch.from_numpy(arr.astype(np.float32)) / HE_SCALE
+
+
+MODALITIES = {"srh": srh_base, "he": he_base}
+
+
+def _center_crop_or_resize(x: torch.Tensor, size: int) -> torch.Tensor:
+    """Centre-crop ``x`` ``(C, H, W)`` to ``(C, size, size)``.
+
+    If a side is shorter than ``size``, the image is first resized (bilinear, aspect ratio kept)
+    so that its shorter side equals ``size``; then the centre crop is taken.
+    """
+    _, h, w = x.shape
+    if min(h, w) < size:
+        scale = size / min(h, w)
+        new_h, new_w = max(size, round(h * scale)), max(size, round(w * scale))
+        x = F.interpolate(x[None], size=(new_h, new_w), mode="bilinear", align_corners=False)[0]
+        x = x.clamp_(0.0, 1.0)
+        _, h, w = x.shape
+    top, left = (h - size) // 2, (w - size) // 2
+    return x[:, top : top + size, left : left + size].contiguous()
+
+
+class BaseTransform:
+    """Deterministic per-patch transform: modality base function, then optional centre crop.
+
+    Plain picklable object (safe to send to DataLoader worker processes).
+
+    Args:
+        modality: ``"srh"`` (uses :func:`srh_base`) or ``"he"`` (uses :func:`he_base`).
+        size: if given, the output is centre-cropped to ``size x size``; an image with a side
+            shorter than ``size`` is resized up first (shorter side = ``size``).
+
+    Call:
+        ``transform(raw) -> torch.Tensor`` of shape ``(3, H, W)`` or ``(3, size, size)``,
+        ``float32`` in ``[0, 1]``.
+
+    Raises:
+        ConfigError: unknown ``modality`` or ``size`` that is not a positive integer
+            (at construction).
+        DataError: a raw patch with the wrong dtype/shape for the modality (at call time).
+    """
+
+    def __init__(self, modality: str = "srh", size: int | None = None):
+        if modality not in MODALITIES:
+            raise ConfigError(
+                f"unknown modality {modality!r}; expected one of {sorted(MODALITIES)}"
+            )
+        if size is not None and (isinstance(size, bool) or not isinstance(size, int) or size < 1):
+            raise ConfigError(
+                f"base transform size must be a positive integer or null; got {size!r}"
+            )
+        self.modality = modality
+        self.size = size
+
+    def __call__(self, raw: np.ndarray | torch.Tensor) -> torch.Tensor:
+        x = MODALITIES[self.modality](raw)
+        if self.size is not None:
+            x = _center_crop_or_resize(x, self.size)
+        return x
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(modality={self.modality!r}, size={self.size!r})"

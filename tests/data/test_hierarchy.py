@@ -1,0 +1,265 @@
+"""The patient -> slide -> patch dataset and sampler."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+import tifffile
+import torch
+from torch.utils.data import DataLoader
+
+from hlss.data.hierarchy import HierarchicalDataset, HierarchicalSampler, PatientIndex
+from hlss.data.table import PatchTable
+from hlss.errors import BadPatchError, ConfigError, DataError
+
+SIZE = 4
+
+
+def write_table(root, layout: dict[str, tuple[str, list[int]]], split: str = "train") -> PatchTable:
+    """Write one tiny SRH TIFF per patch; every pixel of a patch holds its table row index.
+
+    ``layout`` maps patient -> (class, [patches per slide]).
+    """
+    patients, slides, paths, labels, splits = [], [], [], [], []
+    for patient, (label, per_slide) in layout.items():
+        for s, n in enumerate(per_slide):
+            for i in range(n):
+                row = len(paths)
+                path = os.path.join(root, f"{patient}-{s}-{i}.tif")
+                tifffile.imwrite(path, np.full((2, SIZE, SIZE), row, dtype=np.uint16))
+                patients.append(patient)
+                slides.append(str(100 + s))
+                paths.append(path)
+                labels.append(label)
+                splits.append(split)
+    return PatchTable.from_records(patients, slides, paths, labels, splits, modality="srh")
+
+
+def row_of(image: torch.Tensor) -> int:
+    """The row index a test patch encodes (see write_table)."""
+    return int(image[0, 0, 0].item())
+
+
+@pytest.fixture
+def table(tmp_path):
+    layout = {
+        "P1": ("a", [3, 2]),
+        "P2": ("a", [1]),  # one slide with one patch: wraps around
+        "P3": ("b", [2, 2, 2]),
+        "P4": ("b", [4]),
+        "P5": ("c", [2, 3]),
+    }
+    return write_table(str(tmp_path), layout)
+
+
+def test_patient_index_groups_rows(table):
+    index = PatientIndex.from_table(table)
+    assert index.patients == ["P1", "P2", "P3", "P4", "P5"]
+    assert index.labels.tolist() == [0, 0, 1, 1, 2]
+    assert [len(r) for r in index.rows] == [2, 1, 3, 1, 2]
+    frame = table.frame
+    for p, patient in enumerate(index.patients):
+        for s, rows in enumerate(index.rows[p]):
+            assert set(frame.loc[rows, "patient"]) == {patient}
+            assert len(set(frame.loc[rows, "slide"])) == 1
+            assert index.slide_names[index.slide_ids[p][s]].startswith(patient + "/")
+    all_rows = np.concatenate([r for rows in index.rows for r in rows])
+    assert sorted(all_rows.tolist()) == list(range(len(table)))
+
+
+def test_item_shapes_and_ids(table):
+    ds = HierarchicalDataset(table, slides_per_patient=2, patches_per_slide=3, views=2)
+    item = ds[(2, 123)]
+    assert item["image"].shape == (2, 3, 2, 2, SIZE, SIZE)
+    assert item["slide"].shape == (2,)
+    assert item["patch"].shape == (2, 3)
+    assert item["label"].item() == 1 and item["patient"].item() == 2
+    frame = table.frame
+    for s in range(2):
+        slide_rows = item["patch"][s].tolist()
+        # every patch of a slide position comes from that one slide of this patient
+        assert len(set(frame.loc[slide_rows, "slide"])) == 1
+        assert set(frame.loc[slide_rows, "patient"]) == {"P3"}
+        for n, row in enumerate(slide_rows):
+            for t in range(2):
+                assert row_of(item["image"][s, n, t]) == row
+    # the two slide positions hold two different slides (P3 has three)
+    assert item["slide"][0] != item["slide"][1]
+
+
+def test_wrap_around_when_patient_is_small(table):
+    ds = HierarchicalDataset(table, slides_per_patient=3, patches_per_slide=4, views=1)
+    item = ds[(1, 7)]  # P2: one slide, one patch
+    assert item["image"].shape == (3, 4, 1, 2, SIZE, SIZE)
+    assert set(item["patch"].flatten().tolist()) == {
+        table.frame.index[table.frame.patient == "P2"][0]
+    }
+    item = ds[(0, 7)]  # P1: slides of 3 and 2 patches, asked 4 each: all patches used, repeated
+    frame = table.frame
+    for s in range(3):
+        rows = item["patch"][s].tolist()
+        slide = frame.loc[rows[0], "slide"]
+        whole_slide = frame.index[(frame.patient == "P1") & (frame.slide == slide)].tolist()
+        assert set(rows) == set(whole_slide)  # a permutation of the slide, cycled to length 4
+    assert item["slide"][0] == item["slide"][2]  # three positions over two slides wrap around
+
+
+def test_item_depends_only_on_draw_seed(table):
+    ds = HierarchicalDataset(table, slides_per_patient=2, patches_per_slide=2, views=1)
+    a, b = ds[(4, 99)], ds[(4, 99)]
+    assert torch.equal(a["patch"], b["patch"])
+    draws = {tuple(ds[(4, seed)]["patch"].flatten().tolist()) for seed in range(20)}
+    assert len(draws) > 1
+
+
+def test_bad_file_is_skipped_and_counted(table):
+    bad_row = int(table.frame.index[table.frame.patient == "P4"][0])
+    with open(table.frame.loc[bad_row, "path"], "wb") as handle:
+        handle.write(b"not a tiff")
+    ds = HierarchicalDataset(table, slides_per_patient=1, patches_per_slide=4, views=1)
+    item = ds[(3, 0)]  # P4 has one slide of 4 patches: the bad one is always drawn
+    assert item["bad"].item() >= 1
+    loaded = {row_of(item["image"][0, n, 0]) for n in range(4)}
+    assert bad_row not in loaded
+    assert table.frame.loc[bad_row, "path"] in ds.bad_paths
+
+
+def test_bad_file_fails_when_asked(table):
+    bad_row = int(table.frame.index[table.frame.patient == "P4"][0])
+    os.remove(table.frame.loc[bad_row, "path"])
+    ds = HierarchicalDataset(
+        table, slides_per_patient=1, patches_per_slide=4, views=1, on_bad_file="fail"
+    )
+    with pytest.raises(BadPatchError, match="file not found"):
+        ds[(3, 0)]
+
+
+def test_patient_without_readable_patch_ends_with_error(table):
+    for path in table.frame.loc[table.frame.patient == "P3", "path"]:
+        os.remove(path)
+    ds = HierarchicalDataset(table, slides_per_patient=2, patches_per_slide=2, views=1)
+    with pytest.raises(DataError, match="patient P3: none of its 6 patches"):
+        ds[(2, 0)]
+
+
+@pytest.mark.parametrize(
+    "key,value", [("slides_per_patient", 0), ("views", -1), ("on_bad_file", "ignore")]
+)
+def test_bad_dataset_config(table, key, value):
+    with pytest.raises(ConfigError, match=key):
+        HierarchicalDataset(table, **{key: value})
+
+
+def test_mixed_label_patient_rejected(tmp_path):
+    table = write_table(str(tmp_path), {"P1": ("a", [1])})
+    table.frame.loc[len(table.frame)] = ["P1", "101", "x.tif", "b", "train"]
+    table = PatchTable(table.frame, ("a", "b"))
+    with pytest.raises(DataError, match="patient P1 has patches of several classes"):
+        PatientIndex.from_table(table)
+
+
+# ------------------------------------------------------------------------------- sampler
+
+
+def collect(sampler):
+    return [p for p, _ in sampler]
+
+
+def test_sampler_is_a_permutation_and_deterministic():
+    labels = np.arange(10) % 3
+    s1, s2 = HierarchicalSampler(labels, seed=5), HierarchicalSampler(labels, seed=5)
+    e0 = collect(s1)
+    assert sorted(e0) == list(range(10)) and len(s1) == 10
+    assert e0 == collect(s2)
+    assert [seed for _, seed in s1] == [seed for _, seed in s2]
+    s1.set_epoch(1)
+    assert collect(s1) != e0
+    assert collect(HierarchicalSampler(labels, seed=6)) != e0
+    assert collect(HierarchicalSampler(labels, shuffle=False)) == list(range(10))
+
+
+@pytest.mark.parametrize("n,replicas", [(10, 2), (11, 2), (12, 3), (7, 4)])
+def test_distributed_ranks_see_distinct_patients(n, replicas):
+    labels = np.zeros(n, dtype=int)
+    per_rank = [
+        collect(HierarchicalSampler(labels, seed=1, num_replicas=replicas, rank=r))
+        for r in range(replicas)
+    ]
+    lengths = {len(p) for p in per_rank}
+    assert lengths == {-(-n // replicas)}
+    flat = [p for part in per_rank for p in part]
+    assert set(flat) == set(range(n))  # every patient seen
+    if n % replicas == 0:
+        assert len(flat) == len(set(flat))  # no patient on two ranks
+    # padding only repeats as many as needed
+    assert len(flat) - len(set(flat)) == (-n) % replicas
+    # the draw seeds follow the global position, so they are distinct across ranks
+    seeds = [
+        s
+        for r in range(replicas)
+        for _, s in HierarchicalSampler(labels, seed=1, num_replicas=replicas, rank=r)
+    ]
+    assert len(set(seeds)) == len(seeds)
+
+
+def test_distributed_drop_last():
+    labels = np.zeros(11, dtype=int)
+    per_rank = [
+        collect(HierarchicalSampler(labels, num_replicas=2, rank=r, drop_last=True))
+        for r in range(2)
+    ]
+    flat = per_rank[0] + per_rank[1]
+    assert len(flat) == 10 and len(set(flat)) == 10
+
+
+def test_class_balance():
+    labels = np.array([0] * 12 + [1] * 3 + [2] * 1)
+    sampler = HierarchicalSampler(labels, balance=True, seed=0)
+    order = collect(sampler)
+    assert len(order) == len(sampler) == 36
+    counts = np.bincount(labels[order])
+    assert counts.tolist() == [12, 12, 12]
+    # each round of 3 holds one patient of every class
+    rounds = labels[order].reshape(-1, 3)
+    assert all(sorted(r) == [0, 1, 2] for r in rounds.tolist())
+    # the small class cycles through all its patients
+    assert set(np.array(order)[labels[order] == 1].tolist()) == {12, 13, 14}
+    unbalanced = np.bincount(labels[collect(HierarchicalSampler(labels, seed=0))])
+    assert unbalanced.tolist() == [12, 3, 1]
+
+
+def test_sampler_rejects_bad_rank():
+    with pytest.raises(ConfigError, match="rank 2"):
+        collect(HierarchicalSampler(np.zeros(4), num_replicas=2, rank=2))
+
+
+# ------------------------------------------------------------------------------- loader
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_loader_batches_independent_of_workers(table, workers):
+    ds = HierarchicalDataset(table, slides_per_patient=2, patches_per_slide=2, views=2)
+    sampler = HierarchicalSampler(ds.labels, seed=3)
+    loader = DataLoader(ds, batch_size=2, sampler=sampler, num_workers=workers, drop_last=True)
+    batches = list(loader)
+    assert len(batches) == 2
+    batch = batches[0]
+    assert batch["image"].shape == (2, 2, 2, 2, 2, SIZE, SIZE)
+    assert batch["label"].shape == (2,) and batch["slide"].shape == (2, 2)
+    reference = [ds[key] for key in list(sampler)[:2]]
+    assert torch.equal(batch["patch"], torch.stack([r["patch"] for r in reference]))
+    for p in range(2):
+        for s in range(2):
+            for n in range(2):
+                assert row_of(batch["image"][p, s, n, 1]) == batch["patch"][p, s, n].item()
+
+
+def test_sampler_skip_resumes_mid_epoch():
+    labels = np.arange(9) % 3
+    full = list(HierarchicalSampler(labels, seed=2))
+    sampler = HierarchicalSampler(labels, seed=2)
+    sampler.skip_items = 4
+    assert list(sampler) == full[4:]
+    assert list(sampler) == full  # the skip applies once

@@ -1,0 +1,93 @@
+"""Tests for the per-modality base transforms."""
+
+from __future__ import annotations
+
+import pickle
+
+import numpy as np
+import pytest
+import torch
+
+from hlss.data.transforms import BaseTransform, he_base, srh_base
+from hlss.errors import ConfigError, DataError
+
+
+def _srh(ch2: list[int], ch3: list[int]) -> np.ndarray:
+    """A (2, 1, W) uint16 patch from per-pixel CH2 and CH3 counts."""
+    return np.array([[ch2], [ch3]], dtype=np.uint16)
+
+
+def test_srh_base_matches_hand_computation():
+    raw = _srh([10000, 30000, 0, 2000], [20000, 10000, 65535, 2000])
+    out = srh_base(raw)
+    assert out.dtype == torch.float32 and out.shape == (3, 1, 4)
+    d = 65536.0
+    expected = np.array(
+        [
+            # CH3 - CH2 + 5000, clamped; pixel 1 is negative (no uint16 wraparound), pixel 2 > 1
+            [(10000 + 5000) / d, 0.0, 1.0, 5000 / d],
+            [10000 / d, 30000 / d, 0.0, 2000 / d],
+            [20000 / d, 10000 / d, 65535 / d, 2000 / d],
+        ],
+        dtype=np.float32,
+    )[:, None, :]
+    np.testing.assert_allclose(out.numpy(), expected, rtol=0, atol=1e-7)
+    assert out.min() >= 0 and out.max() <= 1
+
+
+def test_srh_base_accepts_tensor_and_rejects_bad_dtype_or_shape():
+    raw = np.random.default_rng(0).integers(0, 65536, size=(2, 5, 6), dtype=np.uint16)
+    torch.testing.assert_close(srh_base(torch.from_numpy(raw)), srh_base(raw))
+    with pytest.raises(DataError, match="uint16"):
+        srh_base(raw.astype(np.float32))
+    with pytest.raises(DataError, match=r"\(2, H, W\)"):
+        srh_base(np.zeros((3, 4, 4), np.uint16))
+
+
+def test_he_base_divides_by_255():
+    raw = np.array([0, 51, 128, 255], dtype=np.uint8).reshape(1, 1, 4).repeat(3, axis=0)
+    out = he_base(raw)
+    assert out.dtype == torch.float32 and out.shape == (3, 1, 4)
+    np.testing.assert_allclose(out[0, 0].numpy(), [0.0, 0.2, 128 / 255, 1.0], atol=1e-7)
+    with pytest.raises(DataError, match="uint8"):
+        he_base(raw.astype(np.uint16))
+
+
+@pytest.mark.parametrize(
+    ("modality", "raw"),
+    [
+        ("srh", np.full((2, 40, 30), 1000, np.uint16)),
+        ("he", np.full((3, 40, 30), 7, np.uint8)),
+    ],
+)
+def test_base_transform_centre_crop(modality, raw):
+    raw = raw.copy()
+    # mark the centre pixel so the crop position can be checked
+    raw[:, 20, 15] = 50000 if modality == "srh" else 250
+    full = BaseTransform(modality)(raw)
+    assert full.shape == (3, 40, 30)
+    out = BaseTransform(modality, size=10)(raw)
+    assert out.shape == (3, 10, 10) and out.dtype == torch.float32
+    torch.testing.assert_close(out, full[:, 15:25, 10:20])
+
+
+def test_base_transform_resizes_when_smaller():
+    raw = np.random.default_rng(1).integers(0, 256, size=(3, 8, 12), dtype=np.uint8)
+    out = BaseTransform("he", size=16)(raw)
+    assert out.shape == (3, 16, 16)
+    assert out.min() >= 0 and out.max() <= 1
+
+
+def test_base_transform_unknown_modality_and_bad_size():
+    with pytest.raises(ConfigError, match="unknown modality 'ct'"):
+        BaseTransform("ct")
+    with pytest.raises(ConfigError, match="size"):
+        BaseTransform("srh", size=0)
+
+
+def test_base_transform_is_picklable():
+    t = BaseTransform("srh", size=4)
+    t2 = pickle.loads(pickle.dumps(t))
+    raw = np.random.default_rng(2).integers(0, 65536, size=(2, 6, 6), dtype=np.uint16)
+    torch.testing.assert_close(t(raw), t2(raw))
+    assert "srh" in repr(t2)
