@@ -1,0 +1,114 @@
+"""The combined HLSS objective: hierarchical visual contrast + per-level language tie."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+from torch import Tensor, nn
+
+from hlss.losses.hvc import (
+    DEFAULT_WEIGHTS,
+    LEVELS,
+    HierarchicalVisualContrast,
+    _level_tensor,
+    level_weights,
+)
+
+
+class HLSSObjective(nn.Module):
+    """``loss = hvc + sum_l align_weights[l] * align(text_space_l, text_embeddings[l], ids[l])``.
+
+    Built directly or by Hydra, e.g.::
+
+        _target_: hlss.losses.HLSSObjective
+        hvc: {_target_: hlss.losses.HierarchicalVisualContrast, temperature: 0.07,
+              base_temperature: 0.07, weights: {patch: 1.0, slide: 1.0, patient: 1.0}}
+        align: {_target_: hlss.losses.AttributeConsistency, temperature: 0.1, balance: 1.0}
+        align_weights: {patch: 1.0, slide: 1.0, patient: 1.0}
+
+    Args:
+        hvc: the visual term, :class:`~hlss.losses.HierarchicalVisualContrast`.
+        align: a language-tie module called as ``align(u [B, D], text [A, D], groups [B])``
+            (:class:`~hlss.losses.AttributeConsistency`,
+            :class:`~hlss.losses.NearestDescriptionKL`), or ``None`` for HiDisc (no language
+            terms; ``loss = hvc``).
+        align_weights: ``{level: weight}`` (any mapping, e.g. a ``DictConfig``); a missing level
+            has weight 0, and a level with weight 0 is not computed (reported as 0).
+
+    Raises:
+        ValueError: ``hvc`` is not a module, or ``align_weights`` has an unknown level key or a
+            negative weight.
+
+    The inputs of :meth:`forward` must be the all-gathered batch in multi-process training; the
+    per-level work is batched (the only Python loop is over the three levels).
+    """
+
+    def __init__(
+        self,
+        hvc: HierarchicalVisualContrast,
+        align: nn.Module | None = None,
+        align_weights: Mapping[str, float] = DEFAULT_WEIGHTS,
+    ):
+        super().__init__()
+        if not isinstance(hvc, nn.Module):
+            raise ValueError(f"hvc must be an nn.Module, got {type(hvc).__name__}")
+        if align is not None and not isinstance(align, nn.Module):
+            raise ValueError(f"align must be an nn.Module or None, got {type(align).__name__}")
+        self.hvc = hvc
+        self.align = align
+        self.align_weights = level_weights(align_weights, "align_weights")
+
+    def extra_repr(self) -> str:
+        return f"align_weights={self.align_weights}" if self.align is not None else ""
+
+    def forward(
+        self,
+        head_embeddings: Tensor | Mapping[str, Tensor],
+        ids: Mapping[str, Tensor],
+        text_embeddings: Mapping[str, Tensor] | None = None,
+        text_space: Tensor | Mapping[str, Tensor] | None = None,
+    ) -> dict[str, Tensor]:
+        """Evaluate every term.
+
+        Args:
+            head_embeddings: ``[B, D]`` or ``{level: [B, D_level]}``, the HVC embeddings.
+            ids: ``{level: LongTensor[B]}`` global ids per level.
+            text_embeddings: ``{level: [A_level, D]}`` frozen attribute embeddings (detached
+                inside); needed when ``align`` is set and some align weight is > 0.
+            text_space: image embeddings in the text space, ``[B, D]`` shared by the levels or
+                ``{level: [B, D]}``; needed like ``text_embeddings``.
+
+        Returns:
+            Scalar tensors ``hvc_patch``, ``hvc_slide``, ``hvc_patient``, ``hvc`` and, when
+            ``align`` is set, ``align_patch``, ``align_slide``, ``align_patient``, ``align``
+            (weighted sum); ``loss = hvc (+ align)``.
+
+        Raises:
+            ValueError: a needed input or level entry is missing, or shapes do not match.
+        """
+        out = self.hvc(head_embeddings, ids)
+        loss = out["hvc"]
+        if self.align is not None:
+            zero = loss.new_zeros(())
+            active = [level for level in LEVELS if self.align_weights[level] != 0]
+            if active and (text_embeddings is None or text_space is None):
+                raise ValueError(
+                    "the alignment term needs text_embeddings and text_space "
+                    f"(align weights > 0 at {active})"
+                )
+            total = zero
+            for level in LEVELS:
+                weight = self.align_weights[level]
+                if weight == 0:
+                    out[f"align_{level}"] = zero
+                    continue
+                u = _level_tensor(text_space, level, "text_space")
+                text = _level_tensor(text_embeddings, level, "text_embeddings")
+                groups = _level_tensor(ids, level, "ids")
+                term = self.align(u, text, groups)
+                out[f"align_{level}"] = term
+                total = total + weight * term
+            out["align"] = total
+            loss = loss + total
+        out["loss"] = loss
+        return out

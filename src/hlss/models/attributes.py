@@ -1,0 +1,195 @@
+"""Attribute banks: named visual attributes per hierarchy level, each with sentence descriptions.
+
+A bank is a YAML file::
+
+    level: patch                 # patch | slide | patient
+    attributes:
+      - name: high cellularity
+        descriptions:
+          - "densely packed tumour cells fill the field"
+          - "..."
+
+The packaged banks (``hlss/models/attributes/{patch,slide,patient}.yaml``) are loaded by bare
+name: ``load_bank("patch")``. Anything else is a path to the user's own file.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+
+import torch
+import yaml
+
+from hlss.errors import ConfigError
+
+LEVELS = ("patch", "slide", "patient")
+
+
+@dataclass
+class AttributeBank:
+    """The attributes of one level.
+
+    Attributes:
+        level: ``"patch"``, ``"slide"`` or ``"patient"``.
+        names: ``A`` attribute names (unique).
+        descriptions: ``A`` non-empty lists of sentences, ``descriptions[j]`` describes ``names[j]``.
+        source: the file the bank was read from.
+    """
+
+    level: str
+    names: list[str]
+    descriptions: list[list[str]]
+    source: str = field(default="", compare=False)
+
+    def __len__(self) -> int:
+        return len(self.names)
+
+    @property
+    def size(self) -> int:
+        """Number of attributes ``A``."""
+        return len(self.names)
+
+
+def packaged_bank_names() -> list[str]:
+    """Names of the banks shipped with the package (``["patch", "patient", "slide"]``)."""
+    folder = resources.files("hlss.models").joinpath("attributes")
+    return sorted(p.name[: -len(".yaml")] for p in folder.iterdir() if p.name.endswith(".yaml"))
+
+
+def _resolve(path_or_name: str) -> tuple[str, str]:
+    """``(display name, text)`` of a packaged bank name or a user path."""
+    s = str(path_or_name)
+    is_bare = os.sep not in s and "/" not in s and not s.endswith((".yaml", ".yml"))
+    if is_bare:
+        res = resources.files("hlss.models").joinpath("attributes", f"{s}.yaml")
+        if res.is_file():
+            return f"hlss/models/attributes/{s}.yaml", res.read_text(encoding="utf-8")
+        if not Path(s).is_file():
+            raise ConfigError(
+                f"attribute bank {s!r}: no such file and not a packaged bank "
+                f"(packaged: {', '.join(packaged_bank_names())})"
+            )
+    path = Path(s).expanduser()
+    if not path.is_file():
+        raise ConfigError(f"{path}: attribute bank file not found")
+    try:
+        return str(path), path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as err:
+        raise ConfigError(f"{path}: cannot read attribute bank ({err})") from None
+
+
+def load_bank(
+    path_or_name: str, level: str | None = None, size: int | None = None
+) -> AttributeBank:
+    """Load and validate an attribute bank.
+
+    Args:
+        path_or_name: a packaged bank name (``"patch"``, ``"slide"``, ``"patient"``) or a YAML path.
+        level: the level the caller expects; ``None`` accepts the file's level. A file without a
+            ``level`` key takes this one.
+        size: keep only the first ``size`` attributes.
+
+    Returns:
+        The :class:`AttributeBank`.
+
+    Raises:
+        ConfigError: (one line naming the file) missing file, malformed YAML, not a mapping, no
+            attributes, an attribute without a name or without descriptions, a non-string
+            description, duplicate names, an unknown or unexpected level, or ``size`` larger than
+            the bank / smaller than 1.
+    """
+    where, text = _resolve(path_or_name)
+    try:
+        doc = yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        loc = f" at line {mark.line + 1}" if mark is not None else ""
+        problem = getattr(err, "problem", None) or type(err).__name__
+        raise ConfigError(f"{where}: malformed YAML{loc}: {problem}") from None
+    if not isinstance(doc, Mapping):
+        raise ConfigError(f"{where}: expected a mapping with keys 'level' and 'attributes'")
+
+    file_level = doc.get("level", level)
+    if file_level is None:
+        raise ConfigError(f"{where}: missing key 'level' (one of {', '.join(LEVELS)})")
+    if file_level not in LEVELS:
+        raise ConfigError(f"{where}: level {file_level!r} is not one of {', '.join(LEVELS)}")
+    if level is not None and file_level != level:
+        raise ConfigError(f"{where}: bank is for level {file_level!r}, expected {level!r}")
+
+    attrs = doc.get("attributes")
+    if not isinstance(attrs, list) or not attrs:
+        raise ConfigError(f"{where}: 'attributes' must be a non-empty list")
+    names: list[str] = []
+    descriptions: list[list[str]] = []
+    seen: dict[str, int] = {}
+    for i, item in enumerate(attrs):
+        if not isinstance(item, Mapping):
+            raise ConfigError(
+                f"{where}: attributes[{i}] must be a mapping with 'name' and 'descriptions'"
+            )
+        name = item.get("name")
+        if not isinstance(name, str) or not name.strip():
+            raise ConfigError(f"{where}: attributes[{i}] has no name")
+        name = name.strip()
+        descs = item.get("descriptions")
+        if not isinstance(descs, list) or not descs:
+            raise ConfigError(f"{where}: attribute {name!r} has no descriptions")
+        for d in descs:
+            if not isinstance(d, str) or not d.strip():
+                raise ConfigError(
+                    f"{where}: attribute {name!r} has an empty or non-text description"
+                )
+        key = name.casefold()
+        if key in seen:
+            raise ConfigError(
+                f"{where}: duplicate attribute name {name!r} (attributes[{seen[key]}] and [{i}])"
+            )
+        seen[key] = i
+        names.append(name)
+        descriptions.append([d.strip() for d in descs])
+
+    if size is not None:
+        size = int(size)
+        if size < 1:
+            raise ConfigError(f"{where}: requested bank size {size} must be >= 1")
+        if size > len(names):
+            raise ConfigError(f"{where}: requested {size} attributes but the bank has {len(names)}")
+        names, descriptions = names[:size], descriptions[:size]
+    return AttributeBank(level=file_level, names=names, descriptions=descriptions, source=where)
+
+
+def load_banks(
+    banks: Mapping[str, str] | None = None, sizes: Mapping[str, int | None] | None = None
+) -> dict[str, AttributeBank]:
+    """Load one bank per level.
+
+    Args:
+        banks: ``{level: packaged name or path}``; ``None`` -> the packaged bank of every level.
+        sizes: optional ``{level: size}`` truncations.
+
+    Returns:
+        ``{level: AttributeBank}`` in :data:`LEVELS` order.
+
+    Raises:
+        ConfigError: an unknown level key, or any :func:`load_bank` problem.
+    """
+    banks = dict(banks) if banks is not None else {lv: lv for lv in LEVELS}
+    sizes = dict(sizes or {})
+    for key in (*banks, *sizes):
+        if key not in LEVELS:
+            raise ConfigError(f"banks: unknown level {key!r} (levels: {', '.join(LEVELS)})")
+    return {lv: load_bank(banks[lv], level=lv, size=sizes.get(lv)) for lv in LEVELS if lv in banks}
+
+
+def embed_banks(
+    encoder, banks: Mapping[str, AttributeBank], cache_dir: str | os.PathLike | None = None
+) -> dict[str, torch.Tensor]:
+    """Embed every bank with ``encoder`` (prompt ensemble, cached): ``{level: [A_l, dim]}``."""
+    from hlss.models.text import embed_prompts
+
+    return {lv: embed_prompts(encoder, bank.descriptions, cache_dir) for lv, bank in banks.items()}
