@@ -1,0 +1,53 @@
+"""`hlss-train`: compose the configs and train.
+
+The configs live inside the package (``hlss/conf``), so the command works from any directory:
+``hlss-train --cfg job dataset=opensrh dataset.root=/x`` prints the composed job config;
+``hlss-train -m loss.temperature=0.05,0.1`` sweeps.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+import hydra
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig, OmegaConf
+
+from hlss.errors import HLSSError
+
+
+def _last_line(err: Exception) -> str:
+    lines = [line for line in str(err).strip().splitlines() if line.strip()]
+    return lines[-1] if lines else type(err).__name__
+
+
+@hydra.main(config_path="pkg://hlss.conf", config_name="train", version_base="1.3")
+def _train(cfg: DictConfig) -> float | None:
+    from hlss.train.run import run_training
+
+    try:
+        summary = run_training(cfg, HydraConfig.get().runtime.output_dir)
+    except HLSSError as err:
+        # errors raised in data-loader workers arrive wrapped with the worker's traceback text
+        print(f"error: {_last_line(err)}", file=sys.stderr)
+        raise SystemExit(2) from None
+    print(json.dumps(summary, indent=1))
+    return summary["metrics"].get("train/loss")
+
+
+def register_resolvers() -> None:
+    """``${abspath:rel}``: a path made absolute against the directory the command runs in."""
+    OmegaConf.register_new_resolver(
+        "abspath", lambda p: os.path.abspath(os.path.expanduser(str(p))), replace=True
+    )
+
+
+def main() -> None:
+    register_resolvers()
+    _train()
+
+
+if __name__ == "__main__":
+    main()

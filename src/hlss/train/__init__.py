@@ -1,0 +1,1 @@
+"""Training: Lightning module, optimiser schedule, checkpoints and the run wiring."""

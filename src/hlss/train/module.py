@@ -1,0 +1,122 @@
+"""The LightningModule: hierarchy batch -> dual encoder -> multi-level HLSS objective."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping
+
+import lightning as L
+import torch
+
+from hlss.errors import HLSSError
+
+LEVELS = ("patch", "slide", "patient")
+
+
+class NonFiniteLossError(HLSSError):
+    """The loss became NaN or infinite; training stops, the last good checkpoint stays."""
+
+
+def hierarchy_ids(batch: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Per-image ids at each level for a batch ``[P, S, N, T, ...]``, flattened to ``[P*S*N*T]``.
+
+    Patch ids are table rows, slide ids global slide indices, patient ids patient indices, so
+    equal ids mean the same patch / slide / patient even across ranks and after wrap-around.
+    """
+    P, S, N, T = batch["image"].shape[:4]
+    shape = (P, S, N, T)
+    return {
+        "patch": batch["patch"].view(P, S, N, 1).expand(shape).reshape(-1),
+        "slide": batch["slide"].view(P, S, 1, 1).expand(shape).reshape(-1),
+        "patient": batch["patient"].view(P, 1, 1, 1).expand(shape).reshape(-1),
+    }
+
+
+class HLSSModule(L.LightningModule):
+    """Trains a :class:`hlss.models.dual_encoder.DualEncoder` with an HLSS/HiDisc objective.
+
+    Args:
+        model: the dual encoder (backbone, projection, heads, frozen text embeddings).
+        objective: :class:`hlss.losses.HLSSObjective` (or anything with the same call).
+        optimizer: ``(params, total_steps) -> (optimizer, scheduler)``, e.g. the ``_partial_``
+            :func:`hlss.train.optim.adamw_warmup_cosine` of the ``optimizer`` config.
+        gather: all-gather embeddings and ids across processes (with gradients) so that every
+            rank's images are negatives for every other rank's anchors.
+    """
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        objective: torch.nn.Module,
+        optimizer: Callable | None = None,
+        gather: bool = True,
+    ):
+        super().__init__()
+        self.model = model
+        self.objective = objective
+        self.optimizer_factory = optimizer
+        self.gather = gather
+        self.bad_files_seen = 0
+
+    def forward(self, images: torch.Tensor) -> dict:
+        return self.model(images)
+
+    def _gather(self, tensor: torch.Tensor) -> torch.Tensor:
+        if not self.gather or self.trainer is None or self.trainer.world_size <= 1:
+            return tensor
+        return self.all_gather(tensor, sync_grads=True).flatten(0, 1)
+
+    def compute_losses(self, batch: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Forward a hierarchy batch and evaluate the objective (no logging, no checks)."""
+        images = batch["image"]
+        flat = images.reshape(-1, *images.shape[4:])
+        out = self.model(flat)
+        ids = {level: self._gather(v) for level, v in hierarchy_ids(batch).items()}
+        heads = out["heads"]
+        if isinstance(heads, Mapping):
+            heads = {level: self._gather(h) for level, h in heads.items()}
+        else:
+            heads = self._gather(heads)
+        text_space = out.get("text_space")
+        if text_space is not None:
+            text_space = self._gather(text_space)
+        text = getattr(self.model, "text_embeddings", None)
+        return self.objective(heads, ids, text_embeddings=text, text_space=text_space)
+
+    def training_step(self, batch: Mapping[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        losses = self.compute_losses(batch)
+        loss = losses["loss"]
+        if not torch.isfinite(loss.detach()).all():
+            raise NonFiniteLossError(
+                f"non-finite loss {loss.item()} at step {self.global_step}; stopping "
+                "(the last good checkpoint is kept; lower optimizer.lr or check the data)"
+            )
+        size = batch["image"].shape[0]
+        self.log_dict(
+            {f"train/{k}": v.detach() for k, v in losses.items()},
+            on_step=True,
+            prog_bar=False,
+            batch_size=size,
+            sync_dist=False,
+        )
+        self.log("loss", loss.detach(), prog_bar=True, logger=False, batch_size=size)
+        bad = int(batch["bad"].sum()) if "bad" in batch else 0
+        if bad:
+            self.bad_files_seen += bad
+            self.log("train/bad_files", float(self.bad_files_seen), batch_size=size)
+        return loss
+
+    def configure_optimizers(self):
+        if self.optimizer_factory is None:
+            raise HLSSError("no optimizer configured")
+        total = self.trainer.max_steps
+        if total is None or total < 0:
+            total = self.trainer.estimated_stepping_batches
+        if not math.isfinite(total):
+            raise HLSSError("set trainer.max_steps (or max_epochs) so the schedule has a length")
+        params = [p for p in self.parameters() if p.requires_grad]
+        optimizer, scheduler = self.optimizer_factory(params, total_steps=int(total))
+        return {
+            "optimizer": optimizer,
+            "lr_scheduler": {"scheduler": scheduler, "interval": "step", "frequency": 1},
+        }

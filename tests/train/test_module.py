@@ -1,0 +1,191 @@
+"""Training pieces: ids per level, schedule, atomic checkpoints, non-finite loss stop, DDP."""
+
+from __future__ import annotations
+
+import itertools
+import os
+import subprocess
+import sys
+
+import lightning as L
+import pytest
+import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
+
+from hlss.errors import ConfigError, HLSSError
+from hlss.train.checkpoint import AtomicCheckpointIO, find_checkpoint, load_checkpoint_file
+from hlss.train.module import HLSSModule, NonFiniteLossError, hierarchy_ids
+from hlss.train.optim import adamw_warmup_cosine, warmup_cosine_factor
+from tests.train.helpers import TINY, read_batches, summaries
+
+
+def fake_batch(P=2, S=2, N=2, T=2, size=8):
+    return {
+        "image": torch.rand(P, S, N, T, 3, size, size),
+        "patient": torch.arange(P) + 10,
+        "slide": torch.arange(P * S).view(P, S) + 100,
+        "patch": torch.arange(P * S * N).view(P, S, N) + 1000,
+        "label": torch.zeros(P, dtype=torch.long),
+        "bad": torch.zeros(P, dtype=torch.long),
+    }
+
+
+def test_hierarchy_ids_follow_flatten_order():
+    batch = fake_batch(P=2, S=3, N=2, T=2)
+    ids = hierarchy_ids(batch)
+    flat_index = torch.arange(2 * 3 * 2 * 2).view(2, 3, 2, 2)
+    for p in range(2):
+        for s in range(3):
+            for n in range(2):
+                for t in range(2):
+                    i = flat_index[p, s, n, t]
+                    assert ids["patient"][i] == batch["patient"][p]
+                    assert ids["slide"][i] == batch["slide"][p, s]
+                    assert ids["patch"][i] == batch["patch"][p, s, n]
+
+
+def test_warmup_cosine_schedule():
+    total, warm = 100, 10
+    factors = [warmup_cosine_factor(s, total, warm) for s in range(total + 5)]
+    assert factors[0] == pytest.approx(0.1) and factors[9] == pytest.approx(1.0)
+    assert all(a < b for a, b in itertools.pairwise(factors[:10]))
+    assert factors[10] == pytest.approx(1.0)
+    assert factors[55] == pytest.approx(0.5, abs=1e-9)
+    assert factors[100] == pytest.approx(0.0, abs=1e-12) and factors[104] == pytest.approx(
+        0.0, abs=1e-12
+    )
+    assert all(a >= b for a, b in itertools.pairwise(factors[10:]))
+    opt, sched = adamw_warmup_cosine(
+        [torch.nn.Parameter(torch.zeros(1))], total_steps=20, lr=0.5, warmup_fraction=0.25
+    )
+    lrs = []
+    for _ in range(20):
+        lrs.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    assert lrs[0] == pytest.approx(0.5 / 5) and max(lrs) == pytest.approx(0.5)
+
+
+@pytest.mark.parametrize(
+    "kwargs", [{"lr": 0}, {"total_steps": 0}, {"warmup_fraction": 1.0}, {"min_lr_ratio": 2}]
+)
+def test_schedule_config_errors(kwargs):
+    args = {"total_steps": 10, **kwargs}
+    with pytest.raises(ConfigError):
+        adamw_warmup_cosine([torch.nn.Parameter(torch.zeros(1))], **args)
+
+
+class TinyModel(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.net = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 8 * 8, 16))
+
+    def forward(self, x):
+        return {"heads": self.net(x)}
+
+
+class NaNAtStep(torch.nn.Module):
+    """An objective that is finite until ``step`` calls, then NaN."""
+
+    def __init__(self, step):
+        super().__init__()
+        self.calls, self.step = 0, step
+
+    def forward(self, heads, ids, text_embeddings=None, text_space=None):
+        self.calls += 1
+        loss = heads.pow(2).mean()
+        if self.calls >= self.step:
+            loss = loss * float("nan")
+        return {"loss": loss}
+
+
+class ListData(L.LightningDataModule):
+    def train_dataloader(self):
+        return torch.utils.data.DataLoader([fake_batch()] * 10, batch_size=None)
+
+
+def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
+    from functools import partial
+
+    module = HLSSModule(
+        TinyModel(), NaNAtStep(step=3), optimizer=partial(adamw_warmup_cosine, lr=1e-3)
+    )
+    ckpt = ModelCheckpoint(dirpath=tmp_path, every_n_train_steps=1, save_last=True)
+    trainer = L.Trainer(
+        max_steps=10,
+        logger=False,
+        callbacks=[ckpt],
+        plugins=[AtomicCheckpointIO()],
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        accelerator="cpu",
+    )
+    with pytest.raises(NonFiniteLossError, match="non-finite loss nan at step 2"):
+        trainer.fit(module, datamodule=ListData())
+    state = load_checkpoint_file(str(tmp_path / "last.ckpt"))
+    assert state["global_step"] == 2
+    assert all(torch.isfinite(v).all() for v in state["state_dict"].values())
+    assert not [f for f in os.listdir(tmp_path) if f.startswith(".tmp-")]
+
+
+def test_atomic_save_leaves_no_partial_file(tmp_path, monkeypatch):
+    io = AtomicCheckpointIO()
+    target = tmp_path / "c.ckpt"
+    io.save_checkpoint({"a": torch.ones(2)}, str(target))
+    before = target.read_bytes()
+
+    def broken_save(obj, handle):
+        handle.write(b"half")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(torch, "save", broken_save)
+    with pytest.raises(KeyboardInterrupt):
+        io.save_checkpoint({"a": torch.zeros(2)}, str(target))
+    assert target.read_bytes() == before  # the old checkpoint is intact
+    assert os.listdir(tmp_path) == ["c.ckpt"]
+
+
+def test_find_checkpoint(tmp_path):
+    run = tmp_path / "run" / "checkpoints"
+    run.mkdir(parents=True)
+    (run / "last.ckpt").write_bytes(b"x")
+    assert find_checkpoint(str(tmp_path / "run"), str(tmp_path)) == str(run / "last.ckpt")
+    assert find_checkpoint("auto", str(tmp_path)) == str(run / "last.ckpt")
+    with pytest.raises(HLSSError, match=r"no last\.ckpt"):
+        find_checkpoint("auto", str(tmp_path / "run" / "checkpoints" / "x"))
+    with pytest.raises(HLSSError, match="checkpoint not found"):
+        find_checkpoint(str(tmp_path / "nope.ckpt"), str(tmp_path))
+
+
+def test_ddp_two_cpu_processes_see_distinct_patients(tmp_path):
+    env = dict(os.environ, PYTHONWARNINGS="ignore")
+    args = [a for a in TINY if not a.startswith("data.patients")]
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "hlss.cli.train",
+            *args,
+            "logger=none",
+            "loss=attr3levels",
+            "data.patients=2",
+            "trainer.accelerator=cpu",
+            "trainer.devices=2",
+            "trainer.strategy=ddp",
+            "record_batches=true",
+        ],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        env=env,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (summary,) = summaries(str(tmp_path / "outputs"))
+    assert summary["global_step"] == 2
+    ranks = [read_batches(summary["output_dir"], rank) for rank in (0, 1)]
+    assert [len(r) for r in ranks] == [2, 2]
+    for step in range(2):
+        p0, p1 = set(ranks[0][step]["patients"]), set(ranks[1][step]["patients"])
+        assert len(p0) == 2 and len(p1) == 2
+        assert not p0 & p1  # each rank trains on its own patients
