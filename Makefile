@@ -27,24 +27,24 @@ format: $(STAMP)
 	$(BIN)/ruff format src tests benchmarks
 	$(BIN)/ruff check --fix src tests benchmarks
 
-# Synthetic data -> validation -> training (the CPU demo experiment).
+# Synthetic data -> validation -> HiDisc and HLSS training -> kNN evaluation table (CPU).
 demo: $(STAMP)
-	test -f $(DEMO_DIR)/data/meta/opensrh.json || $(BIN)/hlss-synth out=$(DEMO_DIR)/data patients_per_class=6 size=64
-	$(BIN)/hlss-validate root=$(DEMO_DIR)/data
-	$(BIN)/hlss-train experiment=demo_cpu dataset=opensrh dataset.root=$(abspath $(DEMO_DIR))/data $(ARGS)
+	$(BIN)/hlss-demo out=$(DEMO_DIR) $(ARGS)
 
 train: $(STAMP)
 	$(BIN)/hlss-train $(ARGS)
 
 eval: $(STAMP)
-	@test -n "$(CKPT)" || { echo "usage: make eval CKPT=path/to/checkpoint.ckpt"; exit 2; }
-	@echo "hlss-eval: evaluation is not yet available in this version."
+	@test -n "$(CKPT)" || { echo "usage: make eval CKPT=path/to/checkpoint.ckpt-or-run-folder [ARGS=...]"; exit 2; }
+	$(BIN)/hlss-eval ckpt=$(CKPT) $(ARGS)
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/bench_data.py
+	$(BIN)/python benchmarks/bench_train.py
+	$(BIN)/python benchmarks/bench_knn.py
 
 ui: $(STAMP)
-	$(BIN)/mlflow ui --backend-store-uri sqlite:///$(abspath mlruns.db)
+	$(BIN)/mlflow ui --backend-store-uri sqlite:///$(abspath outputs)/mlruns.db
 
 clean:
-	rm -rf outputs multirun .pytest_cache .ruff_cache
+	rm -rf outputs .pytest_cache .ruff_cache

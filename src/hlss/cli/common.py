@@ -67,6 +67,14 @@ def parse_key_values(argv: Sequence[str], defaults: dict[str, Any], prog: str) -
     return values
 
 
+def quiet_libraries() -> None:
+    """Silence start-up chatter of libraries (FAISS's loader, sentence-transformers) below WARNING."""
+    import logging
+
+    for name in ("faiss.loader", "sentence_transformers"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+
+
 def user_errors_exit(func: Callable[..., int | None]) -> Callable[..., int | None]:
     """Decorator for console-script mains: an :class:`HLSSError` becomes one stderr line + exit 2."""
 

@@ -15,6 +15,7 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
+from hlss.cli.common import quiet_libraries
 from hlss.errors import HLSSError
 
 
@@ -45,6 +46,7 @@ def register_resolvers() -> None:
 
 
 def main() -> None:
+    quiet_libraries()
     register_resolvers()
     _train()
 

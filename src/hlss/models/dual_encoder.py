@@ -49,6 +49,11 @@ class DualEncoder(nn.Module):
             ``H = proj_hidden or F``) or ``"identity"`` (needs ``F == D``).
         proj_hidden: hidden width of the ``"mlp"`` projection (0 -> ``F``).
         mlp_dim: output width of the ``head="mlp"`` head (``F -> F -> mlp_dim``).
+        center_text: subtract each level's mean attribute embedding (then renormalise) before
+            storing the prototypes and initialising the heads. Sentence embeddings of one bank
+            share a large common direction (mean pairwise cosine ~0.5 for MiniLM); without
+            centring, every head output points mostly along it and the level's contrastive term
+            starts from nearly collinear embeddings.
 
     Raises:
         ConfigError: unknown ``head``/``projection``; ``head="text"`` without banks; an unknown
@@ -66,6 +71,7 @@ class DualEncoder(nn.Module):
         projection: str = "auto",
         proj_hidden: int = 0,
         mlp_dim: int = 128,
+        center_text: bool = False,
     ):
         super().__init__()
         if head not in HEADS:
@@ -152,6 +158,10 @@ class DualEncoder(nn.Module):
         self.heads = nn.ModuleDict()
         for lv in levels:
             emb = banks[lv].detach().float().cpu()
+            if center_text and emb.shape[0] > 1:
+                # remove what every description of the level shares (mean direction), so the
+                # attribute similarities, and the heads built from them, are discriminative
+                emb = emb - emb.mean(dim=0, keepdim=True)
             if not torch.allclose(emb.norm(dim=-1), torch.ones(emb.shape[0]), atol=1e-4):
                 emb = F.normalize(emb, dim=-1)  # rows must be unit vectors (cosine heads)
             self.register_buffer(f"text_{lv}", emb.clone(), persistent=True)
@@ -230,6 +240,7 @@ def build_dual_encoder(
     projection: str = "auto",
     proj_hidden: int = 0,
     mlp_dim: int = 128,
+    center_text: bool = False,
 ) -> DualEncoder:
     """Load the attribute banks, embed them (cached) and build a :class:`DualEncoder`.
 
@@ -274,4 +285,5 @@ def build_dual_encoder(
         projection=projection,
         proj_hidden=proj_hidden,
         mlp_dim=mlp_dim,
+        center_text=center_text,
     )

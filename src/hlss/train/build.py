@@ -63,6 +63,7 @@ def build_model(cfg: DictConfig):
         head=head,
         projection=cfg.model.projection,
         mlp_dim=cfg.model.mlp_dim,
+        center_text=bool(cfg.model.get("center_text", False)),
     )
     return model, attribute_banks(cfg)
 

@@ -1,0 +1,57 @@
+"""`hlss-eval`: kNN evaluation of a checkpoint (or of every checkpoint of a run).
+
+hlss-eval ckpt=outputs/<date>/<time>            # every checkpoint in step order
+hlss-eval ckpt=.../checkpoints/last.ckpt out=my-eval knn.k=50
+hlss-eval ckpt=... untrained=true               # the same architecture at initialisation
+"""
+
+from __future__ import annotations
+
+import sys
+
+import hydra
+from omegaconf import DictConfig
+
+from hlss.cli.common import quiet_libraries
+from hlss.cli.train import _last_line, register_resolvers
+from hlss.errors import HLSSError
+
+
+def format_table(summary: dict) -> str:
+    """A small text table of accuracy / MCA per level."""
+    lines = [f"{'level':<8} {'acc':>6} {'top2':>6} {'top3':>6} {'mca':>6} {'map':>6}"]
+    for level in ("patch", "slide", "patient"):
+        m = summary["metrics"][level]
+        lines.append(
+            f"{level:<8} " + " ".join(f"{m[k]:6.3f}" for k in ("acc", "top2", "top3", "mca", "map"))
+        )
+    lo, hi = summary["metrics"]["patient"]["acc_ci95"]
+    lines.append(f"patient accuracy 95% CI (bootstrap over patients): [{lo:.3f}, {hi:.3f}]")
+    return "\n".join(lines)
+
+
+@hydra.main(config_path="pkg://hlss.conf", config_name="eval", version_base="1.3")
+def _eval(cfg: DictConfig) -> None:
+    from hlss.eval.run import evaluate
+
+    try:
+        summary = evaluate(cfg)
+    except HLSSError as err:
+        print(f"error: {_last_line(err)}", file=sys.stderr)
+        raise SystemExit(2) from None
+    print(format_table(summary))
+    if summary.get("attribute_examples"):
+        print("top attributes:\n" + summary["attribute_examples"])
+    print(f"outputs: {summary['out']}")
+    if "mlflow" in summary:
+        print(f"mlflow ui --backend-store-uri {summary['mlflow']['tracking_uri']}")
+
+
+def main() -> None:
+    quiet_libraries()
+    register_resolvers()
+    _eval()
+
+
+if __name__ == "__main__":
+    main()

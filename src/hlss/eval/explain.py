@@ -1,0 +1,324 @@
+"""Attribute retrieval: which named attributes describe a patch, a slide or a patient.
+
+The dual encoder maps images into the text space of the frozen text encoder, and every level of
+the hierarchy has an attribute bank whose prompt-ensemble embeddings live in the same space
+(``DualEncoder.text_embeddings``). Ranking a level's attributes by cosine similarity explains an
+embedding in words:
+
+* **patch** -- each patch embedding against the patch bank;
+* **slide** -- the mean of the slide's (L2-normalised) patch embeddings, renormalised, against the
+  slide bank;
+* **patient** -- the mean of all the patient's patch embeddings, renormalised, against the
+  patient bank.
+
+:func:`explain_levels` returns one long table (one row per entity and rank), which
+:func:`write_explanations` saves as CSV and :func:`format_examples` turns into a few readable
+lines for a terminal.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import tempfile
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+import torch.nn.functional as F
+
+from hlss.errors import HLSSError
+from hlss.eval.zero_shot import _check_2d, _rows_f32
+from hlss.models.attributes import LEVELS
+
+COLUMNS = ("level", "patient", "slide", "path", "rank", "attribute", "score")
+"""Columns of the table returned by :func:`explain_levels`."""
+
+_CHUNK = 65536
+
+
+def top_attributes(
+    embeddings: np.ndarray | torch.Tensor,
+    bank_text: np.ndarray | torch.Tensor,
+    names: Sequence[str],
+    k: int = 5,
+    chunk_size: int = _CHUNK,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Rank a bank's attributes for every embedding by cosine similarity.
+
+    Both inputs are L2-normalised here (float16 is fine). Ties are broken by the lower attribute
+    index, so the result is deterministic.
+
+    Args:
+        embeddings: ``[n, D]`` embeddings in the text space.
+        bank_text: ``[A, D]`` attribute text embeddings of one bank.
+        names: the ``A`` attribute names (only checked against ``A`` here; index them with the
+            returned ``idx``).
+        k: how many attributes to return per row; capped at ``A``.
+        chunk_size: rows processed at a time.
+
+    Returns:
+        ``(idx, scores)``: ``idx`` ``[n, min(k, A)]`` int64 attribute indices, best first;
+        ``scores`` the matching ``[n, min(k, A)]`` float32 cosine similarities (descending).
+
+    Raises:
+        ValueError: an input is not 2-D, ``k < 1`` or ``chunk_size < 1``.
+        HLSSError: ``len(names) != A``, or embeddings and bank have different widths.
+    """
+    if int(k) < 1:
+        raise ValueError(f"top_attributes: k must be >= 1, got {k}")
+    if int(chunk_size) < 1:
+        raise ValueError(f"top_attributes: chunk_size must be >= 1, got {chunk_size}")
+    n, d = _check_2d(embeddings, "top_attributes embeddings")
+    a, d_bank = _check_2d(bank_text, "top_attributes bank_text")
+    if len(names) != a:
+        raise HLSSError(
+            f"attribute bank has {len(names)} names but {a} text embeddings; "
+            "use the bank the model was trained with"
+        )
+    if d != d_bank:
+        raise HLSSError(
+            f"embeddings have width {d} but the attribute text embeddings {d_bank}; "
+            "use the text encoder the model was trained with"
+        )
+    kk = min(int(k), a)
+    bank = F.normalize(_rows_f32(bank_text), dim=-1)
+    idx = np.empty((n, kk), dtype=np.int64)
+    scores = np.empty((n, kk), dtype=np.float32)
+    step = int(chunk_size)
+    with torch.no_grad():
+        for start in range(0, n, step):
+            sims = (
+                F.normalize(_rows_f32(embeddings, start, start + step), dim=-1) @ bank.T
+            ).numpy()
+            order = np.argsort(-sims, axis=1, kind="stable")[:, :kk]
+            idx[start : start + step] = order
+            scores[start : start + step] = np.take_along_axis(sims, order, axis=1)
+    return idx, scores
+
+
+def _group_means(text_space, codes: np.ndarray, groups: int, chunk_size: int) -> torch.Tensor:
+    """``[groups, D]`` renormalised means of the L2-normalised rows of ``text_space`` per code.
+
+    Accumulated chunk by chunk with ``index_add_`` (vectorised, float32), so a float16 array is
+    never converted whole.
+    """
+    _, d = _check_2d(text_space, "text_space")
+    sums = torch.zeros(groups, d, dtype=torch.float32)
+    codes_t = torch.from_numpy(np.array(codes, dtype=np.int64, copy=True))
+    for start in range(0, len(codes), chunk_size):
+        rows = F.normalize(_rows_f32(text_space, start, start + chunk_size), dim=-1)
+        sums.index_add_(0, codes_t[start : start + chunk_size], rows)
+    # the mean of unit vectors, renormalised, equals the renormalised sum
+    return F.normalize(sums, dim=-1)
+
+
+def _long_table(
+    level: str,
+    patient: np.ndarray,
+    slide: np.ndarray,
+    path: np.ndarray,
+    idx: np.ndarray,
+    scores: np.ndarray,
+    names: Sequence[str],
+) -> pd.DataFrame:
+    """One row per (entity, rank) from per-entity keys and ``[G, k]`` ranking arrays."""
+    g, k = idx.shape
+    return pd.DataFrame(
+        {
+            "level": np.full(g * k, level, dtype=object),
+            "patient": np.repeat(patient.astype(object), k),
+            "slide": np.repeat(slide.astype(object), k),
+            "path": np.repeat(path.astype(object), k),
+            "rank": np.tile(np.arange(1, k + 1, dtype=np.int64), g),
+            "attribute": np.asarray(list(names), dtype=object)[idx.reshape(-1)],
+            "score": scores.reshape(-1).astype(np.float32),
+        },
+        columns=list(COLUMNS),
+    )
+
+
+def explain_levels(
+    text_space: np.ndarray | torch.Tensor,
+    index: pd.DataFrame,
+    text_embeddings: Mapping[str, torch.Tensor | np.ndarray],
+    banks: Mapping[str, object],
+    k: int = 5,
+    patches: int | None = None,
+    chunk_size: int = _CHUNK,
+) -> pd.DataFrame:
+    """Top-``k`` attributes of every patch, slide and patient.
+
+    Levels are those in ``banks`` (in patch, slide, patient order); ``text_embeddings`` may hold
+    more levels (e.g. ``DualEncoder.text_embeddings``) -- the extra ones are ignored.
+
+    * patch: each row of ``text_space`` against the patch bank. With ``patches=N`` only the first
+      ``N`` rows of ``index`` (in its order) are explained at patch level, which keeps the CSV
+      small on real data (~300k patches x k rows otherwise); ``patches=0`` skips the level.
+      Slide and patient levels always use every row.
+    * slide: mean of the slide's L2-normalised patch embeddings, renormalised, against the slide
+      bank. Slides are keyed by ``(patient, slide)`` (slide ids repeat across patients).
+    * patient: mean of all the patient's patch embeddings, renormalised, against the patient bank.
+
+    Args:
+        text_space: ``[m, D]`` image embeddings in the text space (float16 allowed), row ``i``
+            belonging to row ``i`` of ``index``.
+        index: ``m`` rows with at least ``patient`` and ``slide`` (and ``path`` for the patch
+            level); other columns (``label``, ``split``, ...) are ignored.
+        text_embeddings: ``{level: [A_level, D]}`` attribute text embeddings.
+        banks: ``{level: AttributeBank}`` (anything with ``.names``) matching
+            ``text_embeddings``.
+        k: attributes per entity (capped at the bank size).
+        patches: explain only the first ``patches`` rows at patch level; ``None`` = all.
+        chunk_size: rows processed at a time.
+
+    Returns:
+        A DataFrame with columns ``level, patient, slide, path, rank, attribute, score``: one
+        row per (entity, rank), ``rank`` 1..k (best first), ``score`` the cosine similarity.
+        ``path`` is ``""`` for slide and patient rows and ``slide`` is ``""`` for patient rows.
+        Patch rows follow ``index`` order; slides and patients are sorted by their keys.
+
+    Raises:
+        ValueError: ``text_space`` is not 2-D, ``k < 1`` or ``patches < 0``.
+        HLSSError: ``index`` and ``text_space`` have different lengths; a required column is
+            missing; an unknown level; a level of ``banks`` without text embeddings; a bank whose
+            size or width does not match its text embeddings.
+    """
+    m, _ = _check_2d(text_space, "explain_levels text_space")
+    if len(index) != m:
+        raise HLSSError(f"explain: index has {len(index)} rows but there are {m} embeddings")
+    if int(k) < 1:
+        raise ValueError(f"explain_levels: k must be >= 1, got {k}")
+    if patches is not None and int(patches) < 0:
+        raise ValueError(f"explain_levels: patches must be >= 0 or None, got {patches}")
+    for lv in banks:
+        if lv not in LEVELS:
+            raise HLSSError(f"explain: unknown level {lv!r} (levels: {', '.join(LEVELS)})")
+        if lv not in text_embeddings:
+            raise HLSSError(f"explain: no text embeddings for level {lv!r}")
+    levels = [lv for lv in LEVELS if lv in banks]
+    needed = ["patient", "slide"] + (["path"] if "patch" in levels else [])
+    missing = [c for c in needed if c not in index.columns]
+    if missing:
+        raise HLSSError(f"explain: index lacks column(s) {', '.join(missing)}")
+    step = int(chunk_size)
+
+    patient = index["patient"].astype(str).to_numpy()
+    slide = index["slide"].astype(str).to_numpy()
+    parts: list[pd.DataFrame] = []
+    for lv in levels:
+        names = list(banks[lv].names)
+        bank_text = text_embeddings[lv]
+        if lv == "patch":
+            rows = m if patches is None else min(int(patches), m)
+            if rows == 0:
+                continue
+            emb = text_space[:rows]
+            idx, scores = top_attributes(emb, bank_text, names, k, step)
+            path = index["path"].astype(str).to_numpy()[:rows]
+            parts.append(_long_table(lv, patient[:rows], slide[:rows], path, idx, scores, names))
+            continue
+        if m == 0:
+            continue
+        keys = ["patient", "slide"] if lv == "slide" else ["patient"]
+        grouped = pd.DataFrame({"patient": patient, "slide": slide}).groupby(keys, sort=True)
+        codes = grouped.ngroup().to_numpy()  # group number of every row, in sorted key order
+        group_keys = grouped.size().index  # the keys in the same order
+        g = len(group_keys)
+        means = _group_means(text_space, codes, g, step)
+        idx, scores = top_attributes(means, bank_text, names, k, step)
+        empty = np.full(g, "", dtype=object)
+        if lv == "slide":
+            g_patient = group_keys.get_level_values("patient").to_numpy()
+            g_slide = group_keys.get_level_values("slide").to_numpy()
+        else:
+            g_patient, g_slide = group_keys.to_numpy(), empty
+        parts.append(_long_table(lv, g_patient, g_slide, empty, idx, scores, names))
+    if not parts:
+        return pd.DataFrame({c: pd.Series(dtype=object) for c in COLUMNS})
+    return pd.concat(parts, ignore_index=True)
+
+
+def write_explanations(df: pd.DataFrame, path: str | os.PathLike, overwrite: bool = False) -> Path:
+    """Save an :func:`explain_levels` table as CSV (atomically: temporary file + rename).
+
+    Args:
+        df: the table.
+        path: destination file; parent folders are created.
+        overwrite: replace an existing file (refused by default, so nothing the user had is
+            lost).
+
+    Returns:
+        The written path.
+
+    Raises:
+        HLSSError: the file exists and ``overwrite`` is false, or it cannot be written.
+    """
+    dest = Path(path).expanduser()
+    if dest.exists() and not overwrite:
+        raise HLSSError(f"{dest}: already exists; not overwriting")
+    try:
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".tmp", dir=dest.parent)
+        try:
+            with os.fdopen(fd, "w", encoding="utf-8", newline="") as fh:
+                df.to_csv(fh, index=False, float_format="%.6g")
+            os.replace(tmp, dest)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+            raise
+    except OSError as err:
+        raise HLSSError(f"{dest}: cannot write explanations ({err.strerror or err})") from None
+    return dest
+
+
+def format_examples(df: pd.DataFrame, n_per_level: int = 2, decimals: int = 2) -> str:
+    """A few readable lines from an :func:`explain_levels` table, ``n_per_level`` entities a level.
+
+    Example::
+
+        patch NIO_012/1/NIO_012-1-0_0_0_0.tif: high cellularity (0.71), enlarged nuclei (0.64)
+        slide NIO_012/1: diffuse infiltration (0.58), ...
+        patient NIO_012: homogeneous tumour (0.49), ...
+
+    Patches are named ``patient/slide/<file name>``, slides ``patient/slide``. Entities are
+    taken in table order (the first rows of each level).
+
+    Args:
+        df: a table with the :data:`COLUMNS` of :func:`explain_levels`.
+        n_per_level: entities shown per level.
+        decimals: digits of the scores.
+
+    Returns:
+        The lines joined by newlines (``"(no attribute explanations)"`` for an empty table).
+
+    Raises:
+        HLSSError: a column is missing.
+    """
+    missing = [c for c in COLUMNS if c not in df.columns]
+    if missing:
+        raise HLSSError(f"explanations table lacks column(s) {', '.join(missing)}")
+    lines: list[str] = []
+    order = [lv for lv in LEVELS if lv in set(df["level"])]
+    for lv in order:
+        sub = df[df["level"] == lv]
+        entity = (sub["rank"].to_numpy() == sub["rank"].min()).cumsum()
+        sub = sub[entity <= int(n_per_level)]
+        entity = entity[entity <= int(n_per_level)]
+        for _, rows in sub.groupby(entity, sort=True):
+            head = rows.iloc[0]
+            if lv == "patch":
+                name = f"{head['patient']}/{head['slide']}/{Path(str(head['path'])).name}"
+            elif lv == "slide":
+                name = f"{head['patient']}/{head['slide']}"
+            else:
+                name = str(head["patient"])
+            attrs = ", ".join(
+                f"{a} ({s:.{decimals}f})"
+                for a, s in zip(rows["attribute"], rows["score"], strict=True)
+            )
+            lines.append(f"{lv} {name}: {attrs}")
+    return "\n".join(lines) if lines else "(no attribute explanations)"

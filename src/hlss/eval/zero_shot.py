@@ -1,0 +1,193 @@
+"""Zero-shot class prediction from text prompts in the language-aligned embedding space.
+
+Each class is described by a few sentences (a YAML file ``{class_name: [description, ...]}``);
+the frozen text encoder embeds them as a prompt ensemble (:func:`hlss.models.text.embed_prompts`:
+normalise, average, renormalise), and an image's class probabilities are the softmax of its
+cosine similarities to the class embeddings divided by a temperature.
+
+The packaged prompt files (``hlss/models/prompts/*.yaml``; ``opensrh_classes`` for the seven
+OpenSRH classes) are loaded by bare name; anything else is a path to the user's own file.
+
+Typical use::
+
+    prompts = load_class_prompts("opensrh_classes", CLASSES_OPENSRH)
+    class_text = embed_prompts(encoder, prompts, cache_dir)      # [C, D]
+    probs = zero_shot_scores(text_space, class_text)             # [n, C]
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping, Sequence
+from importlib import resources
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+import yaml
+
+from hlss.errors import ConfigError, HLSSError
+
+PROMPTS_PACKAGE = "hlss.models"
+PROMPTS_FOLDER = "prompts"
+
+
+def packaged_prompt_names() -> list[str]:
+    """Names of the class-prompt files shipped with the package (e.g. ``["opensrh_classes"]``)."""
+    folder = resources.files(PROMPTS_PACKAGE).joinpath(PROMPTS_FOLDER)
+    if not folder.is_dir():
+        return []
+    return sorted(p.name[: -len(".yaml")] for p in folder.iterdir() if p.name.endswith(".yaml"))
+
+
+def _read_prompt_file(path_or_name: str) -> tuple[str, str]:
+    """``(display name, text)`` of a packaged prompt-file name or a user path.
+
+    Raises:
+        ConfigError: the file does not exist or cannot be read.
+    """
+    s = str(path_or_name)
+    is_bare = os.sep not in s and "/" not in s and not s.endswith((".yaml", ".yml"))
+    if is_bare:
+        res = resources.files(PROMPTS_PACKAGE).joinpath(PROMPTS_FOLDER, f"{s}.yaml")
+        if res.is_file():
+            return f"hlss/models/{PROMPTS_FOLDER}/{s}.yaml", res.read_text(encoding="utf-8")
+        if not Path(s).is_file():
+            packaged = ", ".join(packaged_prompt_names()) or "none"
+            raise ConfigError(
+                f"class prompts {s!r}: no such file and not a packaged prompt file "
+                f"(packaged: {packaged})"
+            )
+    path = Path(s).expanduser()
+    if not path.is_file():
+        raise ConfigError(f"{path}: class prompt file not found")
+    try:
+        return str(path), path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as err:
+        raise ConfigError(f"{path}: cannot read class prompt file ({err})") from None
+
+
+def load_class_prompts(path_or_name: str, classes: Sequence[str]) -> list[list[str]]:
+    """Read the class descriptions for ``classes`` from a prompt YAML file.
+
+    The file is a mapping ``{class_name: [description, ...]}``. Class names are matched exactly
+    (after stripping surrounding whitespace) against ``classes``.
+
+    Args:
+        path_or_name: a packaged prompt-file name (``"opensrh_classes"``) or a path to a YAML file.
+        classes: the ``C`` class names, in label-index order.
+
+    Returns:
+        ``C`` non-empty lists of stripped sentences; ``result[c]`` describes ``classes[c]``
+        (ready for :func:`hlss.models.text.embed_prompts`).
+
+    Raises:
+        ConfigError: (one line naming the file) missing or unreadable file, malformed YAML, a
+            document that is not a mapping, a class of ``classes`` without descriptions (absent,
+            empty list, or an empty / non-text description), or a class in the file that is not
+            in ``classes``.
+    """
+    classes = [str(c) for c in classes]
+    if not classes:
+        raise ConfigError(f"class prompts {path_or_name!r}: no classes given")
+    where, text = _read_prompt_file(path_or_name)
+    try:
+        doc = yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        loc = f" at line {mark.line + 1}" if mark is not None else ""
+        problem = getattr(err, "problem", None) or type(err).__name__
+        raise ConfigError(f"{where}: malformed YAML{loc}: {problem}") from None
+    if not isinstance(doc, Mapping):
+        raise ConfigError(f"{where}: expected a mapping {{class_name: [description, ...]}}")
+
+    entries: dict[str, object] = {str(k).strip(): v for k, v in doc.items()}
+    unknown = [k for k in entries if k not in classes]
+    if unknown:
+        raise ConfigError(
+            f"{where}: unknown class {unknown[0]!r} (expected classes: {', '.join(classes)})"
+        )
+    out: list[list[str]] = []
+    for c in classes:
+        descs = entries.get(c)
+        if descs is None:
+            raise ConfigError(f"{where}: class {c!r} has no descriptions")
+        if isinstance(descs, str):
+            descs = [descs]
+        if not isinstance(descs, list) or not descs:
+            raise ConfigError(f"{where}: class {c!r} needs a non-empty list of descriptions")
+        for d in descs:
+            if not isinstance(d, str) or not d.strip():
+                raise ConfigError(f"{where}: class {c!r} has an empty or non-text description")
+        out.append([d.strip() for d in descs])
+    return out
+
+
+def _check_2d(x, what: str) -> tuple[int, int]:
+    """Shape ``(rows, dim)`` of a numpy array or tensor; ``ValueError`` unless it is 2-D."""
+    shape = tuple(x.shape) if hasattr(x, "shape") else np.shape(x)
+    if len(shape) != 2:
+        raise ValueError(f"{what}: expected a 2-D array [rows, dim], got shape {shape}")
+    return int(shape[0]), int(shape[1])
+
+
+def _rows_f32(x, start: int = 0, stop: int | None = None) -> torch.Tensor:
+    """Rows ``start:stop`` of a numpy array / tensor as a float32 CPU tensor (a copy for numpy).
+
+    Only the requested rows are converted, so a large float16 (or memory-mapped, read-only)
+    array is never copied whole.
+    """
+    if isinstance(x, torch.Tensor):
+        return x[start:stop].detach().float().cpu()
+    return torch.from_numpy(np.array(np.asarray(x)[start:stop], dtype=np.float32, copy=True))
+
+
+def zero_shot_scores(
+    text_space: np.ndarray | torch.Tensor,
+    class_text: np.ndarray | torch.Tensor,
+    temperature: float = 0.01,
+    chunk_size: int = 65536,
+) -> np.ndarray:
+    """Zero-shot class probabilities: ``softmax(cos(image, class) / temperature)``.
+
+    Both inputs are L2-normalised here (rows of zeros stay zero and get uniform probabilities),
+    so unnormalised or float16 embeddings are fine. Rows are processed ``chunk_size`` at a time in
+    float32, so a float16 ``[n, D]`` array is never copied whole.
+
+    Args:
+        text_space: ``[n, D]`` image embeddings in the text space (numpy or torch, any float
+            dtype).
+        class_text: ``[C, D]`` class text embeddings (e.g. from
+            :func:`hlss.models.text.embed_prompts`).
+        temperature: softmax temperature ``tau`` (> 0); small values give confident scores.
+        chunk_size: rows per chunk.
+
+    Returns:
+        ``[n, C]`` float32 numpy array; every row sums to 1.
+
+    Raises:
+        ValueError: an input is not 2-D, ``temperature <= 0`` or ``chunk_size < 1``.
+        HLSSError: the image and class embeddings have different widths (e.g. the class prompts
+            were embedded with a different text encoder than the model was trained with).
+    """
+    if not temperature > 0:
+        raise ValueError(f"zero_shot_scores: temperature must be > 0, got {temperature}")
+    if int(chunk_size) < 1:
+        raise ValueError(f"zero_shot_scores: chunk_size must be >= 1, got {chunk_size}")
+    n, d = _check_2d(text_space, "zero_shot_scores text_space")
+    c, d_text = _check_2d(class_text, "zero_shot_scores class_text")
+    if d != d_text:
+        raise HLSSError(
+            f"zero-shot: image embeddings have width {d} but class text embeddings "
+            f"{d_text}; embed the prompts with the text encoder the model was trained with"
+        )
+    protos = F.normalize(_rows_f32(class_text), dim=-1)
+    out = np.empty((n, c), dtype=np.float32)
+    step = int(chunk_size)
+    with torch.no_grad():
+        for start in range(0, n, step):
+            chunk = F.normalize(_rows_f32(text_space, start, start + step), dim=-1)
+            logits = chunk @ protos.T / float(temperature)
+            out[start : start + step] = torch.softmax(logits, dim=-1).numpy()
+    return out

@@ -1,0 +1,227 @@
+"""Attribute retrieval at patch, slide and patient level on hand-made vectors."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from hlss.errors import HLSSError
+from hlss.eval.explain import (
+    COLUMNS,
+    explain_levels,
+    format_examples,
+    top_attributes,
+    write_explanations,
+)
+from hlss.models.attributes import AttributeBank
+
+S2 = np.sqrt(2.0)
+S3 = np.sqrt(3.0)
+S6 = np.sqrt(6.0)
+
+# ---------------------------------------------------------------------------------------------
+# top_attributes
+
+
+def test_top_attributes_order_and_scores():
+    bank = np.array([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0]], dtype=np.float32)  # a0, a1, a2
+    names = ["a0", "a1", "a2"]
+    x = np.array([[1.0, 0.2], [0.1, 1.0], [-1.0, 0.0]], dtype=np.float32)
+    idx, scores = top_attributes(3 * x, 5 * bank, names, k=2)  # scale must not matter
+    assert idx.dtype == np.int64 and scores.dtype == np.float32
+    assert idx.tolist() == [[0, 2], [1, 2], [1, 2]]
+    n0 = np.sqrt(1.04)
+    np.testing.assert_allclose(scores[0], [1 / n0, 1.2 / (S2 * n0)], rtol=1e-5)
+    # (-1, 0): a1 = 0 > a2 = -1/sqrt2 > a0 = -1; k larger than the bank is capped
+    idx, scores = top_attributes(x, bank, names, k=10)
+    assert idx.shape == (3, 3)
+    assert idx[2].tolist() == [1, 2, 0]
+    assert np.all(np.diff(scores, axis=1) <= 0)
+    # exact ties are broken by the lower index
+    idx, _ = top_attributes(np.array([[1.0, 0.0]]), np.array([[0.0, 1.0], [0.0, -1.0]]), ["p", "q"])
+    assert idx.tolist() == [[0, 1]]
+
+
+def test_top_attributes_inputs_and_errors():
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(40, 8)).astype(np.float32)
+    bank = rng.normal(size=(6, 8)).astype(np.float32)
+    names = [f"a{i}" for i in range(6)]
+    idx, scores = top_attributes(x, bank, names, k=3)
+    idx16, scores16 = top_attributes(x.astype(np.float16), torch.from_numpy(bank), names, k=3)
+    assert (idx16[:, 0] == idx[:, 0]).mean() > 0.9
+    np.testing.assert_allclose(scores16, scores, atol=5e-3)
+    idx_c, scores_c = top_attributes(x, bank, names, k=3, chunk_size=7)
+    assert np.array_equal(idx_c, idx) and np.allclose(scores_c, scores)
+    with pytest.raises(HLSSError, match="5 names but 6"):
+        top_attributes(x, bank, names[:5])
+    with pytest.raises(HLSSError, match="width 8"):
+        top_attributes(x, bank[:, :4], names)
+    with pytest.raises(ValueError, match="k must be"):
+        top_attributes(x, bank, names, k=0)
+
+
+# ---------------------------------------------------------------------------------------------
+# explain_levels on a tiny hierarchy
+#
+# P1 / slide 1: patches e0, e1, e0      P1 / slide 2: patch e2
+# P2 / slide 1: patches e1, (0.6, 0.8, 0)   (slide id "1" repeats across patients)
+#
+# slide means (renormalised):  P1/1 = (2,1,0)/sqrt5   P1/2 = e2   P2/1 = (0.6,1.8,0)/|.|
+# patient means:               P1 = (2,1,1)/sqrt6      P2 = (0.6,1.8,0)/|.| = (1,3,0)/sqrt10
+# (P1's patient mean is over its 4 patches, not over its 2 slide means.)
+
+
+def _hierarchy():
+    e0, e1, e2 = np.eye(3, dtype=np.float32)
+    emb = np.stack([e0, e1, e0, e2, e1, np.array([0.6, 0.8, 0.0], np.float32)])
+    index = pd.DataFrame(
+        {
+            "patient": ["P1", "P1", "P1", "P1", "P2", "P2"],
+            "slide": ["1", "1", "1", "2", "1", "1"],
+            "path": [f"studies/p{i}.tif" for i in range(6)],
+            "label": ["hgg"] * 4 + ["lgg"] * 2,
+            "label_index": [0] * 4 + [1] * 2,
+            "split": ["val"] * 6,
+        }
+    )
+    banks = {
+        "patch": AttributeBank("patch", ["pa", "pb", "pc"], [["a"], ["b"], ["c"]]),
+        "slide": AttributeBank("slide", ["s0", "s1", "s2", "s01"], [["x"]] * 4),
+        "patient": AttributeBank("patient", ["t0", "t1", "t2", "t_mix"], [["y"]] * 4),
+    }
+    text = {
+        "patch": torch.eye(3),
+        "slide": torch.tensor([[1.0, 0, 0], [0, 1, 0], [0, 0, 1], [1 / S2, 1 / S2, 0]]),
+        "patient": torch.tensor([[1.0, 0, 0], [0, 1, 0], [0, 0, 1], [1 / S3, 1 / S3, 1 / S3]]),
+    }
+    return emb, index, text, banks
+
+
+def _expected():
+    """(level, patient, slide, path) -> [(attribute, score), ...] for k=2, computed by hand."""
+    s5, s10 = np.sqrt(5.0), np.sqrt(10.0)
+    return {
+        ("patch", "P1", "1", "studies/p0.tif"): [("pa", 1.0), ("pb", 0.0)],
+        ("patch", "P1", "1", "studies/p1.tif"): [("pb", 1.0), ("pa", 0.0)],
+        ("patch", "P1", "1", "studies/p2.tif"): [("pa", 1.0), ("pb", 0.0)],
+        ("patch", "P1", "2", "studies/p3.tif"): [("pc", 1.0), ("pa", 0.0)],
+        ("patch", "P2", "1", "studies/p4.tif"): [("pb", 1.0), ("pa", 0.0)],
+        ("patch", "P2", "1", "studies/p5.tif"): [("pb", 0.8), ("pa", 0.6)],
+        # (2,1,0)/sqrt5: s01 = 3/sqrt10, s0 = 2/sqrt5
+        ("slide", "P1", "1", ""): [("s01", 3 / s10), ("s0", 2 / s5)],
+        ("slide", "P1", "2", ""): [("s2", 1.0), ("s0", 0.0)],
+        # (1,3,0)/sqrt10: s1 = 3/sqrt10, s01 = 4/sqrt20
+        ("slide", "P2", "1", ""): [("s1", 3 / s10), ("s01", 4 / np.sqrt(20.0))],
+        # (2,1,1)/sqrt6: t_mix = 4/sqrt18, t0 = 2/sqrt6
+        ("patient", "P1", "", ""): [("t_mix", 4 / np.sqrt(18.0)), ("t0", 2 / S6)],
+        # (1,3,0)/sqrt10: t1 = 3/sqrt10, t_mix = 4/sqrt30
+        ("patient", "P2", "", ""): [("t1", 3 / s10), ("t_mix", 4 / np.sqrt(30.0))],
+    }
+
+
+def _as_dict(df: pd.DataFrame) -> dict:
+    out: dict = {}
+    for key, rows in df.groupby(["level", "patient", "slide", "path"], sort=False):
+        rows = rows.sort_values("rank")
+        out[key] = list(zip(rows["attribute"], rows["score"].astype(float), strict=True))
+    return out
+
+
+def _assert_matches(df, expected, atol=1e-5):
+    got = _as_dict(df)
+    assert set(got) == set(expected)
+    for key, ranking in expected.items():
+        assert [a for a, _ in got[key]] == [a for a, _ in ranking], key
+        np.testing.assert_allclose([s for _, s in got[key]], [s for _, s in ranking], atol=atol)
+
+
+def test_explain_levels_hand_computed():
+    emb, index, text, banks = _hierarchy()
+    df = explain_levels(emb, index, text, banks, k=2)
+    assert list(df.columns) == list(COLUMNS)
+    assert len(df) == (6 + 3 + 2) * 2
+    # one row per (entity, rank), ranks 1..k
+    assert df.groupby(["level", "patient", "slide", "path", "rank"]).size().max() == 1
+    assert sorted(df["rank"].unique().tolist()) == [1, 2]
+    assert df["level"].tolist() == ["patch"] * 12 + ["slide"] * 6 + ["patient"] * 4
+    # patch rows follow the index order; slides and patients sorted by key
+    assert df[df["level"] == "patch"]["path"].iloc[::2].tolist() == index["path"].tolist()
+    slides = df[(df["level"] == "slide") & (df["rank"] == 1)]
+    assert list(zip(slides["patient"], slides["slide"], strict=True)) == [
+        ("P1", "1"),
+        ("P1", "2"),
+        ("P2", "1"),
+    ]
+    _assert_matches(df, _expected())
+
+
+def test_explain_levels_order_dtype_chunks_and_patch_limit():
+    emb, index, text, banks = _hierarchy()
+    expected = _expected()
+    perm = np.array([5, 2, 0, 3, 4, 1])
+    shuffled = explain_levels(
+        emb[perm].astype(np.float16),
+        index.iloc[perm].reset_index(drop=True),
+        text,
+        banks,
+        k=2,
+        chunk_size=2,
+    )
+    _assert_matches(shuffled, expected, atol=2e-3)
+    limited = explain_levels(torch.from_numpy(emb), index, text, banks, k=2, patches=2)
+    patch_keys = {key for key in _as_dict(limited) if key[0] == "patch"}
+    assert patch_keys == {
+        ("patch", "P1", "1", "studies/p0.tif"),
+        ("patch", "P1", "1", "studies/p1.tif"),
+    }
+    none = explain_levels(emb, index, text, banks, k=2, patches=0)
+    assert set(none["level"]) == {"slide", "patient"}
+    # only the levels of `banks` are explained; extra text embeddings are ignored
+    only = explain_levels(emb, index, text, {"patient": banks["patient"]}, k=1)
+    assert only["level"].tolist() == ["patient", "patient"]
+    assert only["attribute"].tolist() == ["t_mix", "t1"]
+    # k larger than a bank is capped at its size
+    big = explain_levels(emb, index, text, banks, k=10)
+    assert big.groupby("level")["rank"].max().to_dict() == {"patch": 3, "slide": 4, "patient": 4}
+
+
+def test_explain_levels_errors():
+    emb, index, text, banks = _hierarchy()
+    with pytest.raises(HLSSError, match="index has 5 rows but there are 6"):
+        explain_levels(emb, index.iloc[:5], text, banks)
+    with pytest.raises(HLSSError, match="lacks column"):
+        explain_levels(emb, index.drop(columns=["slide"]), text, banks)
+    with pytest.raises(HLSSError, match="no text embeddings for level 'slide'"):
+        explain_levels(emb, index, {"patch": text["patch"]}, banks)
+    bad = dict(text, slide=text["slide"][:3])
+    with pytest.raises(HLSSError, match="4 names but 3"):
+        explain_levels(emb, index, bad, banks)
+    with pytest.raises(HLSSError, match="unknown level"):
+        explain_levels(emb, index, text, {"tile": banks["patch"]})
+
+
+def test_write_and_format(tmp_path):
+    emb, index, text, banks = _hierarchy()
+    df = explain_levels(emb, index, text, banks, k=2)
+    path = write_explanations(df, tmp_path / "out" / "explain.csv")
+    back = pd.read_csv(path, keep_default_na=False, dtype={"slide": str, "patient": str})
+    assert list(back.columns) == list(COLUMNS) and len(back) == len(df)
+    assert back["attribute"].tolist() == df["attribute"].tolist()
+    np.testing.assert_allclose(back["score"], df["score"], atol=1e-5)
+    with pytest.raises(HLSSError, match="already exists"):
+        write_explanations(df, path)
+    write_explanations(df.iloc[:2], path, overwrite=True)
+    assert len(pd.read_csv(path)) == 2
+
+    text_block = format_examples(df, n_per_level=1)
+    lines = text_block.splitlines()
+    assert lines == [
+        "patch P1/1/p0.tif: pa (1.00), pb (0.00)",
+        "slide P1/1: s01 (0.95), s0 (0.89)",
+        "patient P1: t_mix (0.94), t0 (0.82)",
+    ]
+    assert len(format_examples(df, n_per_level=2).splitlines()) == 6
+    assert format_examples(df.iloc[:0]) == "(no attribute explanations)"

@@ -1,0 +1,168 @@
+"""Weighted cosine kNN: hand-computed votes, a dense reference, backend parity, edge cases."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from hlss.errors import ConfigError, HLSSError
+from hlss.eval import knn
+from hlss.eval.knn import KNNIndex, knn_scores, knn_search, resolve_backend, weighted_vote
+
+CPU_BACKENDS = ["faiss", "torch"]
+
+
+def reference_scores(bank, labels, queries, num_classes, k, temperature):
+    """Dense protocol kNN: all similarities, full argsort, exp(sim/T) votes, L1 normalisation."""
+    b = np.asarray(bank, np.float64)
+    q = np.asarray(queries, np.float64)
+    b = b / np.linalg.norm(b, axis=1, keepdims=True)
+    q = q / np.linalg.norm(q, axis=1, keepdims=True)
+    sims = q @ b.T
+    k = min(k, len(b))
+    out = np.zeros((len(q), num_classes))
+    for r in range(len(q)):
+        top = np.argsort(-sims[r], kind="stable")[:k]
+        for j in top:
+            out[r, labels[j]] += math.exp(sims[r, j] / temperature)
+        out[r] /= out[r].sum()
+    return out
+
+
+def random_problem(n=300, m=50, d=16, c=5, seed=0, dtype=np.float32):
+    rng = np.random.default_rng(seed)
+    bank = rng.standard_normal((n, d)).astype(dtype)
+    queries = rng.standard_normal((m, d)).astype(dtype)
+    labels = rng.integers(0, c, n)
+    return bank, labels, queries, c
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_hand_computed_votes(backend):
+    # Bank of 2-D points with different lengths (normalisation must remove them).
+    bank = np.array([[3.0, 0.0], [0.8, 0.6], [0.0, 2.0], [-5.0, 0.0]], np.float32)
+    labels = np.array([0, 0, 1, 2])
+    queries = np.array([[2.0, 0.0], [0.0, -1.0]], np.float32)
+    t = 0.5
+    scores = knn_scores(bank, labels, queries, 3, k=3, temperature=t, backend=backend)
+    # query 1: sims 1, 0.8, 0, -1 -> k=3 keeps labels 0, 0, 1
+    w = [math.exp(1 / t), math.exp(0.8 / t), math.exp(0 / t)]
+    expect0 = [(w[0] + w[1]) / sum(w), w[2] / sum(w), 0.0]
+    # query 2 (0,-1): sims 0, -0.6, -1, 0 -> top-3: idx0 (0), idx3 (0), idx1 (-0.6)
+    v = [math.exp(0 / t), math.exp(0 / t), math.exp(-0.6 / t)]
+    expect1 = [(v[0] + v[2]) / sum(v), 0.0, v[1] / sum(v)]
+    np.testing.assert_allclose(scores, [expect0, expect1], atol=1e-6)
+    assert scores.dtype == np.float32
+    sims, idx = knn_search(bank, queries, k=3, backend=backend)
+    np.testing.assert_array_equal(idx[0], [0, 1, 2])
+    np.testing.assert_array_equal(idx[1], [0, 3, 1])  # tie at sim 0 broken by index
+    np.testing.assert_allclose(sims[0], [1.0, 0.8, 0.0], atol=1e-6)
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize(
+    ("k", "t", "dtype"),
+    [(1, 0.07, np.float32), (7, 0.07, np.float16), (40, 0.5, np.float32), (200, 0.07, np.float16)],
+)
+def test_matches_dense_reference(backend, k, t, dtype):
+    bank, labels, queries, c = random_problem(dtype=dtype, seed=k)
+    got = knn_scores(bank, labels, queries, c, k=k, temperature=t, backend=backend)
+    want = reference_scores(bank.astype(np.float32), labels, queries.astype(np.float32), c, k, t)
+    np.testing.assert_allclose(got, want, atol=2e-5)
+    np.testing.assert_allclose(got.sum(1), 1.0, atol=1e-5)
+
+
+def test_faiss_torch_parity_and_tensor_inputs():
+    bank, labels, queries, c = random_problem(n=2000, m=300, d=32, c=7, seed=3, dtype=np.float16)
+    bank_copy, queries_copy = bank.copy(), queries.copy()
+    a = knn_scores(bank, labels, queries, c, k=200, backend="faiss")
+    b = knn_scores(
+        torch.from_numpy(bank),
+        torch.from_numpy(labels),
+        torch.from_numpy(queries),
+        c,
+        k=200,
+        backend="torch",
+        device="cpu",
+    )
+    np.testing.assert_allclose(a, b, atol=1e-5)
+    s1, i1 = knn_search(bank, queries, k=20, backend="faiss")
+    s2, _ = knn_search(bank, queries, k=20, backend="torch", device="cpu")
+    np.testing.assert_allclose(s1, s2, atol=1e-5)
+    assert s1.dtype == np.float32 and i1.dtype == np.int64
+    np.testing.assert_array_equal(bank, bank_copy)  # inputs are never normalised in place
+    np.testing.assert_array_equal(queries, queries_copy)
+    assert np.all(np.diff(s1, axis=1) <= 1e-7)  # sorted by similarity
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_k_capped_and_batching(backend):
+    bank, labels, queries, c = random_problem(n=12, m=30, d=8, c=3, seed=5)
+    full = knn_scores(bank, labels, queries, c, k=500, backend=backend)
+    np.testing.assert_allclose(
+        full, reference_scores(bank, labels, queries, c, 12, 0.07), atol=2e-5
+    )
+    sims, idx = knn_search(bank, queries, k=500, backend=backend)
+    assert sims.shape == idx.shape == (30, 12)
+    small = knn_scores(bank, labels, queries, c, k=5, backend=backend, batch_size=7)
+    big = knn_scores(bank, labels, queries, c, k=5, backend=backend, batch_size=4096)
+    np.testing.assert_array_equal(small, big)
+
+
+def test_torch_blocked_scan_matches(monkeypatch):
+    """Bank scanned in many blocks (running top-k merge) gives the single-block answer."""
+    bank, labels, queries, c = random_problem(n=1000, m=40, d=16, c=4, seed=9)
+    whole = knn_scores(bank, labels, queries, c, k=30, backend="torch", device="cpu")
+    monkeypatch.setitem(knn._TORCH_BLOCK_ELEMS, "cpu", 40 * 64)  # blocks of 64 bank rows
+    blocked = knn_scores(bank, labels, queries, c, k=30, backend="torch", device="cpu")
+    np.testing.assert_allclose(blocked, whole, atol=1e-6)
+    np.testing.assert_allclose(
+        blocked, reference_scores(bank, labels, queries, c, 30, 0.07), atol=2e-5
+    )
+
+
+def test_index_reuse_and_empty_queries():
+    bank, labels, queries, c = random_problem(seed=11)
+    index = KNNIndex(bank, labels, c, backend="faiss")
+    np.testing.assert_array_equal(
+        index.scores(queries, k=10), knn_scores(bank, labels, queries, c, k=10, backend="faiss")
+    )
+    assert index.scores(queries[:0], k=10).shape == (0, c)
+    sims, idx = index.search(queries[:0], k=10)
+    assert sims.shape == (0, 10) and idx.shape == (0, 10)
+
+
+def test_small_temperature_no_overflow():
+    scores = weighted_vote(np.array([[1.0, 0.99, -1.0]]), np.array([[0, 1, 1]]), 2, 0.001)
+    assert np.isfinite(scores).all()
+    np.testing.assert_allclose(scores.sum(), 1.0, atol=1e-6)
+    assert scores[0, 0] > 0.99
+
+
+def test_errors():
+    bank, labels, queries, c = random_problem(n=20, m=3)
+    with pytest.raises(ConfigError, match="unknown"):
+        knn_scores(bank, labels, queries, c, backend="annoy")
+    if not knn.faiss_gpu_available():
+        with pytest.raises(ConfigError, match="faiss_gpu"):
+            resolve_backend("faiss_gpu")
+        assert resolve_backend("auto") == "faiss"
+    with pytest.raises(ConfigError, match="k must"):
+        knn_scores(bank, labels, queries, c, k=0, backend="faiss")
+    with pytest.raises(ConfigError, match="temperature"):
+        knn_scores(bank, labels, queries, c, temperature=0.0, backend="torch")
+    with pytest.raises(HLSSError, match="empty"):
+        knn_scores(bank[:0], labels[:0], queries, c, backend="faiss")
+    bad = queries.copy()
+    bad[1, 2] = np.nan
+    with pytest.raises(HLSSError, match="NaN"):
+        knn_scores(bank, labels, bad, c, backend="faiss")
+    with pytest.raises(ValueError, match="dimension"):
+        knn_scores(bank, labels, queries[:, :5], c, backend="torch")
+    with pytest.raises(ValueError, match="bank_labels"):
+        knn_scores(bank, labels + c, queries, c, backend="faiss")
+    with pytest.raises(ValueError, match="bank_labels"):
+        knn_scores(bank, labels[:-1], queries, c, backend="faiss")
