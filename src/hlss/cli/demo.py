@@ -4,7 +4,7 @@ Generates (or reuses) a synthetic OpenSRH-layout dataset, validates it, trains t
 and HLSS with the CPU experiment, evaluates both and the untrained backbone with the kNN protocol,
 and prints a table. Each step is the real console command, printed before it runs.
 
-    hlss-demo [out=demo] [steps=300] [patients_per_class=8] [size=64]
+    hlss-demo [out=demo] [steps=300] [patients=8] [patients_per_class=8] [size=64]
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ from hlss.errors import HLSSError
 DEFAULTS = {
     "out": "demo",
     "steps": 300,
+    "patients": 8,
     "patients_per_class": 8,
     "slides_per_patient": 2,
     "patches_per_slide": 8,
@@ -93,6 +94,7 @@ def main(argv: list[str] | None = None) -> int:
         "dataset=opensrh",
         f"dataset.root={data}",
         f"trainer.max_steps={args['steps']}",
+        f"data.patients={args['patients']}",
         f"seed={args['seed']}",
         f"logger.tracking_uri=sqlite:///{out}/mlruns.db",
     ]
