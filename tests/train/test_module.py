@@ -189,3 +189,41 @@ def test_ddp_two_cpu_processes_see_distinct_patients(tmp_path):
         p0, p1 = set(ranks[0][step]["patients"]), set(ranks[1][step]["patients"])
         assert len(p0) == 2 and len(p1) == 2
         assert not p0 & p1  # each rank trains on its own patients
+
+
+@pytest.mark.parametrize("align", ["AttributeConsistency", "NearestDescriptionKL"])
+def test_language_tie_alone_moves_the_resnet_backbone(align):
+    """With every HVC weight at 0, one optimiser step on the alignment term changes the
+    backbone's weights (the reference code's .item() made this impossible)."""
+    from functools import partial
+
+    import hlss.losses as losses
+    from hlss.models.backbones import build_backbone
+    from hlss.models.dual_encoder import DualEncoder
+
+    torch.manual_seed(0)
+    banks = {
+        lv: torch.nn.functional.normalize(torch.randn(a, 16), dim=1)
+        for lv, a in (("patch", 5), ("slide", 4), ("patient", 3))
+    }
+    model = DualEncoder(build_backbone("resnet18"), 16, banks, head="text", center_text=True)
+    objective = losses.HLSSObjective(
+        losses.HierarchicalVisualContrast(weights={"patch": 0.0, "slide": 0.0, "patient": 0.0}),
+        align=getattr(losses, align)(),
+    )
+    module = HLSSModule(model, objective, optimizer=partial(adamw_warmup_cosine, lr=1e-2))
+    batch = fake_batch(P=2, S=2, N=2, T=2, size=32)
+    out = module.compute_losses(batch)
+    assert out["hvc"].item() == 0.0 and out["align"].requires_grad
+    out["loss"].backward()
+    conv = (
+        model.backbone.conv1.weight
+        if hasattr(model.backbone, "conv1")
+        else next(model.backbone.parameters())
+    )
+    assert conv.grad is not None and conv.grad.abs().sum() > 0
+    before = conv.detach().clone()
+    torch.optim.SGD(model.parameters(), lr=1.0).step()
+    assert not torch.equal(before, conv.detach())
+    # the frozen text prototypes are buffers: untouched
+    assert all(not t.requires_grad for t in model.text_embeddings.values())

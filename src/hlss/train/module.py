@@ -62,7 +62,8 @@ class HLSSModule(L.LightningModule):
         return self.model(images)
 
     def _gather(self, tensor: torch.Tensor) -> torch.Tensor:
-        if not self.gather or self.trainer is None or self.trainer.world_size <= 1:
+        trainer = self._trainer  # None outside a Trainer (``self.trainer`` would raise)
+        if not self.gather or trainer is None or trainer.world_size <= 1:
             return tensor
         return self.all_gather(tensor, sync_grads=True).flatten(0, 1)
 
