@@ -37,13 +37,13 @@ import json
 import math
 import os
 import shutil
-import uuid
 from dataclasses import dataclass
 
 import numpy as np
 from scipy import ndimage
 
 from hlss import CLASSES_OPENSRH
+from hlss.atomic import publish_dir, temp_dir_beside
 from hlss.errors import HLSSError
 
 GENERATOR_VERSION = 1
@@ -586,33 +586,6 @@ def _write_dataset(
         handle.write("\n")
 
 
-def _temp_sibling(target: str) -> str:
-    """Create and return a fresh hidden directory next to ``target`` (same filesystem)."""
-    parent, name = os.path.split(target)
-    os.makedirs(parent, exist_ok=True)
-    tmp = os.path.join(parent, f".{name}.partial-{os.getpid()}-{uuid.uuid4().hex[:8]}")
-    os.mkdir(tmp)
-    return tmp
-
-
-def _publish(tmp: str, target: str) -> bool:
-    """Rename ``tmp`` to ``target``; False when ``target`` already exists and is not empty."""
-    try:
-        os.rename(tmp, target)
-        return True
-    except OSError:
-        if os.path.isdir(target) and not os.listdir(target):
-            try:  # an empty directory where rename cannot replace it (non-POSIX)
-                os.rmdir(target)
-                os.rename(tmp, target)
-                return True
-            except OSError:
-                pass
-        if os.path.exists(target):
-            return False
-        raise
-
-
 def generate_opensrh(
     out: str,
     seed: int = 0,
@@ -654,7 +627,7 @@ def generate_opensrh(
     out = os.path.abspath(os.path.expanduser(str(out)))
     if os.path.exists(out) and not (os.path.isdir(out) and not os.listdir(out)):
         raise HLSSError(f"{out}: already exists and is not empty; choose a new output directory")
-    tmp = _temp_sibling(out)
+    tmp = temp_dir_beside(out)
     try:
         _write_dataset(
             tmp,
@@ -666,7 +639,7 @@ def generate_opensrh(
             size,
             float(val_fraction),
         )
-        if not _publish(tmp, out):
+        if not publish_dir(tmp, out):
             raise HLSSError(f"{out}: appeared while generating; left it untouched")
     finally:
         if os.path.isdir(tmp):
@@ -728,10 +701,10 @@ def ensure_synthetic(cache_dir: str | None = None, **params: object) -> str:
     if os.path.exists(target) and not (os.path.isdir(target) and not os.listdir(target)):
         raise HLSSError(f"{target}: exists but is not a synthetic dataset; remove it to regenerate")
     _check_params(**full)
-    tmp = _temp_sibling(target)
+    tmp = temp_dir_beside(target)
     try:
         _write_dataset(tmp, **full)
-        if not _publish(tmp, target) and not os.path.isfile(marker):
+        if not publish_dir(tmp, target) and not os.path.isfile(marker):
             raise HLSSError(f"{target}: exists but is not a synthetic dataset")
     finally:
         if os.path.isdir(tmp):

@@ -27,7 +27,6 @@ import logging
 import os
 import re
 import shutil
-import uuid
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -38,6 +37,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
+from hlss.atomic import publish_dir, temp_dir_beside
 from hlss.data.io import load_patch
 from hlss.data.table import PatchTable
 from hlss.errors import ConfigError, DataError, HLSSError
@@ -222,11 +222,6 @@ def _compact(path: str, count: int) -> None:
     os.replace(tmp, path)
 
 
-def _temp_sibling(target: str) -> str:
-    parent, name = os.path.split(target)
-    return os.path.join(parent, f".tmp-{name}-{uuid.uuid4().hex[:12]}")
-
-
 def embed_table(
     model: nn.Module,
     table: PatchTable,
@@ -280,8 +275,7 @@ def embed_table(
         raise HLSSError(f"{target}: already exists; embeddings are never written over it")
     os.makedirs(os.path.dirname(target), exist_ok=True)
     dev = _resolve_device(device)
-    tmp = _temp_sibling(target)
-    os.makedirs(tmp)
+    tmp = temp_dir_beside(target)
     features_path = os.path.join(tmp, FEATURES_NAME)
     frame = table.frame
     was_training = model.training
@@ -378,13 +372,9 @@ def embed_table(
         }
         with open(os.path.join(tmp, MANIFEST_NAME), "w", encoding="utf-8") as handle:
             json.dump(manifest, handle, indent=1, default=str)
-        try:
-            os.rename(tmp, target)
-        except OSError:
-            # another process published the same folder first: keep theirs if it is whole
-            if not os.path.isfile(os.path.join(target, MANIFEST_NAME)):
-                raise HLSSError(f"{target}: cannot move embeddings into place") from None
-            shutil.rmtree(tmp, ignore_errors=True)
+        # another process may have published the same folder first: keep theirs if it is whole
+        if not publish_dir(tmp, target) and not os.path.isfile(os.path.join(target, MANIFEST_NAME)):
+            raise HLSSError(f"{target}: cannot move embeddings into place")
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

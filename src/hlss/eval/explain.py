@@ -18,9 +18,7 @@ lines for a terminal.
 
 from __future__ import annotations
 
-import contextlib
 import os
-import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
@@ -29,6 +27,7 @@ import pandas as pd
 import torch
 import torch.nn.functional as F
 
+from hlss.atomic import atomic_file
 from hlss.errors import HLSSError
 from hlss.eval.zero_shot import _check_2d, _rows_f32
 from hlss.models.attributes import LEVELS
@@ -261,15 +260,8 @@ def write_explanations(df: pd.DataFrame, path: str | os.PathLike, overwrite: boo
         raise HLSSError(f"{dest}: already exists; not overwriting")
     try:
         dest.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".tmp", dir=dest.parent)
-        try:
-            with os.fdopen(fd, "w", encoding="utf-8", newline="") as fh:
-                df.to_csv(fh, index=False, float_format="%.6g")
-            os.replace(tmp, dest)
-        except BaseException:
-            with contextlib.suppress(OSError):
-                os.unlink(tmp)
-            raise
+        with atomic_file(dest, "w", encoding="utf-8", newline="") as fh:
+            df.to_csv(fh, index=False, float_format="%.6g")
     except OSError as err:
         raise HLSSError(f"{dest}: cannot write explanations ({err.strerror or err})") from None
     return dest

@@ -24,7 +24,6 @@ import json
 import os
 import re
 import sys
-import tempfile
 import warnings
 import zlib
 from collections.abc import Iterator, Sequence
@@ -33,6 +32,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from hlss.atomic import atomic_file
 from hlss.errors import ConfigError
 
 MINILM_DIM = 384
@@ -419,15 +419,8 @@ def embed_prompts(
         emb = ensemble(encoder.encode(flat), [len(g) for g in prompts]).cpu().contiguous()
     try:
         folder.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=".text-", suffix=".tmp", dir=folder)
-        try:
-            with os.fdopen(fd, "wb") as fh:
-                torch.save(emb, fh)
-            os.replace(tmp, path)
-        except BaseException:
-            with contextlib.suppress(OSError):
-                os.unlink(tmp)
-            raise
+        with atomic_file(path) as fh:
+            torch.save(emb, fh)
     except OSError as err:
         warnings.warn(
             f"text embedding cache {folder} not writable ({err}); not cached", stacklevel=2

@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import glob
 import os
-import tempfile
 from typing import Any
 
 import torch
 from lightning.fabric.utilities.cloud_io import get_filesystem
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
+from hlss.atomic import atomic_file
 from hlss.errors import HLSSError
 
 
@@ -24,19 +24,8 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         protocols = (protocol,) if isinstance(protocol, str) else tuple(protocol)
         if "file" not in protocols:  # remote storage: no rename semantics, use Lightning's writer
             return super().save_checkpoint(checkpoint, path, storage_options)
-        folder = os.path.dirname(os.path.abspath(path))
-        os.makedirs(folder, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".ckpt", dir=folder)
-        try:
-            with os.fdopen(fd, "wb") as handle:
-                torch.save(checkpoint, handle)
-                handle.flush()
-                os.fsync(handle.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            if os.path.exists(tmp):
-                os.remove(tmp)
-            raise
+        with atomic_file(path) as handle:
+            torch.save(checkpoint, handle)
 
     def load_checkpoint(self, path, map_location=None, weights_only=None) -> dict[str, Any]:
         return load_checkpoint_file(str(path), map_location=map_location)
