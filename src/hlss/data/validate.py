@@ -39,7 +39,7 @@ What is checked
     * patients with no usable patch left (error; dropped).
 
 Patients that are dropped for a metadata reason (no class, unknown class, both splits) are not
-file-checked. Images are read one at a time (in a thread pool when ``workers > 0``) and only their
+file-checked. Images are read one at a time (in a process pool when ``workers > 0``) and only their
 verdict is kept, so the check scales to the ~300k files of the real dataset.
 """
 
@@ -53,7 +53,7 @@ import time
 from array import array
 from collections import Counter, defaultdict
 from collections.abc import Callable, Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 from hlss import CLASSES_OPENSRH
@@ -467,13 +467,20 @@ def _chunks(items: Sequence[str], size: int) -> Iterator[Sequence[str]]:
         yield items[start : start + size]
 
 
+def _inspect_chunk(chunk: Sequence[str]) -> list[tuple[str, str, tuple[int, int] | None]]:
+    """Verdicts of a chunk of paths (module level, so worker processes can run it)."""
+    return [inspect_patch(p) for p in chunk]
+
+
 def _inspect_many(
     paths: Sequence[str],
     workers: int,
     progress: Callable[[int, int], None] | None,
     inspect: Callable[[str], tuple[str, str, tuple[int, int] | None]] = inspect_patch,
 ) -> Iterator[tuple[str, str, tuple[int, int] | None]]:
-    """Yield the verdict of every path in order; threads when ``workers > 0``, bounded queue."""
+    """Yield the verdict of every path in order, reading in ``workers`` processes when
+    ``workers > 0`` (TIFF parsing holds the GIL, so threads would not help), bounded queue.
+    A custom ``inspect`` (tests) runs in threads, as it need not be picklable."""
     total = len(paths)
     done = 0
 
@@ -488,12 +495,19 @@ def _inspect_many(
             if progress:
                 progress(done, total)
         return
-    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="hlss-validate") as pool:
+    if inspect is inspect_patch:
+        pool_cm, task = ProcessPoolExecutor(max_workers=workers), _inspect_chunk
+    else:
+        pool_cm, task = (
+            ThreadPoolExecutor(max_workers=workers, thread_name_prefix="hlss-validate"),
+            run_chunk,
+        )
+    with pool_cm as pool:
         pending = []
         chunks = iter(_chunks(paths, chunk_size))
         # keep at most 4 chunks per worker in flight: bounded memory for any number of files
         for chunk in chunks:
-            pending.append((len(chunk), pool.submit(run_chunk, chunk)))
+            pending.append((len(chunk), pool.submit(task, chunk)))
             if len(pending) >= 4 * workers:
                 break
         while pending:
@@ -504,7 +518,7 @@ def _inspect_many(
                 progress(done, total)
             nxt = next(chunks, None)
             if nxt is not None:
-                pending.append((len(nxt), pool.submit(run_chunk, nxt)))
+                pending.append((len(nxt), pool.submit(task, nxt)))
 
 
 # ---------------------------------------------------------------------- validation
@@ -608,7 +622,7 @@ def validate_opensrh(
         check_images: open every patch file the metadata lists for training/evaluation.
         expected_size: required patch height and width (e.g. 300); None or 0 = not enforced, and
             sizes differing from the majority are warnings.
-        workers: threads reading files; 0 reads in the calling thread.
+        workers: processes reading files; 0 reads in the calling process.
         include_nondiagnostic: also check ``nondiagnostic_patches``.
         meta_file / split_file: alternative metadata files (e.g. a cleaned copy); relative paths
             are joined to ``root`` (absolute ones stay absolute), as in ``read_opensrh``.
