@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import tempfile
 import time
 
 import torch
@@ -42,7 +43,10 @@ def main() -> None:
     args = parser.parse_args()
     register_resolvers()
     with initialize_config_module("hlss.conf", version_base="1.3"):
-        cfg = compose("train", overrides=["paths.root=/tmp/hlss-bench", *args.overrides])
+        cfg = compose(
+            "train",
+            overrides=[f"paths.root={tempfile.mkdtemp(prefix='hlss-bench-')}", *args.overrides],
+        )
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     datamodule = build_datamodule(cfg)
     datamodule.setup("fit")

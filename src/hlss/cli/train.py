@@ -38,11 +38,22 @@ def _train(cfg: DictConfig) -> float | None:
     return summary["metrics"].get("train/loss")
 
 
+def auto_precision() -> str:
+    """``bf16-mixed`` where a CUDA GPU with bfloat16 support is present, else ``32-true``."""
+    import torch
+
+    if torch.cuda.is_available() and torch.cuda.is_bf16_supported():
+        return "bf16-mixed"
+    return "32-true"
+
+
 def register_resolvers() -> None:
-    """``${abspath:rel}``: a path made absolute against the directory the command runs in."""
+    """``${abspath:rel}``: a path made absolute against the directory the command runs in;
+    ``${auto_precision:}``: the trainer precision for this machine (:func:`auto_precision`)."""
     OmegaConf.register_new_resolver(
         "abspath", lambda p: os.path.abspath(os.path.expanduser(str(p))), replace=True
     )
+    OmegaConf.register_new_resolver("auto_precision", auto_precision, replace=True)
 
 
 def main() -> None:
