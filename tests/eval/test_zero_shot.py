@@ -59,7 +59,7 @@ def test_load_class_prompts_missing_file(tmp_path):
     with pytest.raises(ConfigError, match="not found") as err:
         load_class_prompts(str(missing), ["a"])
     assert str(missing) in str(err.value)
-    with pytest.raises(ConfigError, match="not a packaged prompt file") as err:
+    with pytest.raises(ConfigError, match="none packaged by that name") as err:
         load_class_prompts("no_such_prompts", ["a"])
     assert "opensrh_classes" in str(err.value)
 

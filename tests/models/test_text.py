@@ -234,7 +234,7 @@ def test_bank_wrong_level_and_missing_file(tmp_path):
         load_bank(path, level="patch")
     with pytest.raises(ConfigError, match="not found"):
         load_bank(str(tmp_path / "missing.yaml"))
-    with pytest.raises(ConfigError, match="not a packaged bank"):
+    with pytest.raises(ConfigError, match="none packaged by that name"):
         load_bank("organ")
     with pytest.raises(ConfigError, match="unknown level"):
         load_banks({"organ": "patch"})

@@ -17,10 +17,7 @@ Typical use::
 
 from __future__ import annotations
 
-import os
 from collections.abc import Mapping, Sequence
-from importlib import resources
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -28,44 +25,19 @@ import torch.nn.functional as F
 import yaml
 
 from hlss.errors import ConfigError, HLSSError
+from hlss.models.packaged import packaged_names, read_packaged_or_file
 
-PROMPTS_PACKAGE = "hlss.models"
 PROMPTS_FOLDER = "prompts"
 
 
 def packaged_prompt_names() -> list[str]:
     """Names of the class-prompt files shipped with the package (e.g. ``["opensrh_classes"]``)."""
-    folder = resources.files(PROMPTS_PACKAGE).joinpath(PROMPTS_FOLDER)
-    if not folder.is_dir():
-        return []
-    return sorted(p.name[: -len(".yaml")] for p in folder.iterdir() if p.name.endswith(".yaml"))
+    return packaged_names(PROMPTS_FOLDER)
 
 
 def _read_prompt_file(path_or_name: str) -> tuple[str, str]:
-    """``(display name, text)`` of a packaged prompt-file name or a user path.
-
-    Raises:
-        ConfigError: the file does not exist or cannot be read.
-    """
-    s = str(path_or_name)
-    is_bare = os.sep not in s and "/" not in s and not s.endswith((".yaml", ".yml"))
-    if is_bare:
-        res = resources.files(PROMPTS_PACKAGE).joinpath(PROMPTS_FOLDER, f"{s}.yaml")
-        if res.is_file():
-            return f"hlss/models/{PROMPTS_FOLDER}/{s}.yaml", res.read_text(encoding="utf-8")
-        if not Path(s).is_file():
-            packaged = ", ".join(packaged_prompt_names()) or "none"
-            raise ConfigError(
-                f"class prompts {s!r}: no such file and not a packaged prompt file "
-                f"(packaged: {packaged})"
-            )
-    path = Path(s).expanduser()
-    if not path.is_file():
-        raise ConfigError(f"{path}: class prompt file not found")
-    try:
-        return str(path), path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as err:
-        raise ConfigError(f"{path}: cannot read class prompt file ({err})") from None
+    """``(display name, text)`` of a packaged prompt file name or a user path."""
+    return read_packaged_or_file(path_or_name, PROMPTS_FOLDER, "class prompt file")
 
 
 def load_class_prompts(path_or_name: str, classes: Sequence[str]) -> list[list[str]]:

@@ -18,13 +18,12 @@ from __future__ import annotations
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from importlib import resources
-from pathlib import Path
 
 import torch
 import yaml
 
 from hlss.errors import ConfigError
+from hlss.models.packaged import packaged_names, read_packaged_or_file
 
 LEVELS = ("patch", "slide", "patient")
 
@@ -56,30 +55,12 @@ class AttributeBank:
 
 def packaged_bank_names() -> list[str]:
     """Names of the banks shipped with the package (``["patch", "patient", "slide"]``)."""
-    folder = resources.files("hlss.models").joinpath("attributes")
-    return sorted(p.name[: -len(".yaml")] for p in folder.iterdir() if p.name.endswith(".yaml"))
+    return packaged_names("attributes")
 
 
 def _resolve(path_or_name: str) -> tuple[str, str]:
     """``(display name, text)`` of a packaged bank name or a user path."""
-    s = str(path_or_name)
-    is_bare = os.sep not in s and "/" not in s and not s.endswith((".yaml", ".yml"))
-    if is_bare:
-        res = resources.files("hlss.models").joinpath("attributes", f"{s}.yaml")
-        if res.is_file():
-            return f"hlss/models/attributes/{s}.yaml", res.read_text(encoding="utf-8")
-        if not Path(s).is_file():
-            raise ConfigError(
-                f"attribute bank {s!r}: no such file and not a packaged bank "
-                f"(packaged: {', '.join(packaged_bank_names())})"
-            )
-    path = Path(s).expanduser()
-    if not path.is_file():
-        raise ConfigError(f"{path}: attribute bank file not found")
-    try:
-        return str(path), path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as err:
-        raise ConfigError(f"{path}: cannot read attribute bank ({err})") from None
+    return read_packaged_or_file(path_or_name, "attributes", "attribute bank")
 
 
 def load_bank(
