@@ -8,6 +8,7 @@ The configs live inside the package (``hlss/conf``), so the command works from a
 from __future__ import annotations
 
 import json
+import logging
 import os
 import sys
 
@@ -24,9 +25,19 @@ def _last_line(err: Exception) -> str:
     return lines[-1] if lines else type(err).__name__
 
 
+def single_log_lines() -> None:
+    """Lightning adds its own console handler; under Hydra's logging every line would then print
+    twice. Keep Hydra's handlers (console and the run's log file) only."""
+    for name in ("lightning", "lightning.pytorch", "lightning.fabric"):
+        logger = logging.getLogger(name)
+        logger.handlers = [h for h in logger.handlers if type(h) is not logging.StreamHandler]
+
+
 @hydra.main(config_path="pkg://hlss.conf", config_name="train", version_base="1.3")
 def _train(cfg: DictConfig) -> float | None:
     from hlss.train.run import run_training
+
+    single_log_lines()
 
     try:
         summary = run_training(cfg, HydraConfig.get().runtime.output_dir)
