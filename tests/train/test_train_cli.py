@@ -158,3 +158,26 @@ def test_cfg_job_from_any_directory(in_tmp):
     assert proc.returncode == 0, proc.stderr
     assert "root: /x" in proc.stdout and "_target_: hlss.data.opensrh.read_opensrh" in proc.stdout
     assert not (in_tmp / "outputs").exists()
+
+
+@pytest.mark.parametrize(
+    "args,expected",
+    [
+        (
+            ["dataset=opensrh"],
+            "error: dataset.table.root is required: set it on the command line (dataset.root=...)",
+        ),
+        (
+            ["dataset=opensrh", "dataset.root=/no/such/root"],
+            "error: /no/such/root: dataset root not found",
+        ),
+        (["backbone.name=resnet999"], "error: backbone.name: unknown backbone 'resnet999'"),
+    ],
+)
+def test_bad_config_is_one_line(in_tmp, capsys, args, expected):
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exc:
+        run_train("text_encoder=tiny", "data.num_workers=0", *NO_LOGGER, *args)
+    assert exc.value.code == 2
+    err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error")]
+    assert len(err) == 1 and err[0].startswith(expected)

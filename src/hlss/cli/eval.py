@@ -11,9 +11,11 @@ import sys
 
 import hydra
 from omegaconf import DictConfig
+from omegaconf.errors import OmegaConfBaseException
 
 from hlss.cli.common import quiet_libraries
 from hlss.cli.train import _last_line, register_resolvers
+from hlss.config import config_message
 from hlss.errors import HLSSError
 
 
@@ -36,6 +38,9 @@ def _eval(cfg: DictConfig) -> None:
 
     try:
         summary = evaluate(cfg)
+    except OmegaConfBaseException as err:
+        print(f"error: {config_message(err)}", file=sys.stderr)
+        raise SystemExit(2) from None
     except HLSSError as err:
         print(f"error: {_last_line(err)}", file=sys.stderr)
         raise SystemExit(2) from None

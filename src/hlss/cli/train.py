@@ -15,8 +15,10 @@ import sys
 import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
 
 from hlss.cli.common import quiet_libraries
+from hlss.config import config_message
 from hlss.errors import HLSSError
 
 
@@ -41,6 +43,9 @@ def _train(cfg: DictConfig) -> float | None:
 
     try:
         summary = run_training(cfg, HydraConfig.get().runtime.output_dir)
+    except OmegaConfBaseException as err:
+        print(f"error: {config_message(err)}", file=sys.stderr)
+        raise SystemExit(2) from None
     except HLSSError as err:
         # errors raised in data-loader workers arrive wrapped with the worker's traceback text
         print(f"error: {_last_line(err)}", file=sys.stderr)

@@ -18,9 +18,9 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
-from hydra.utils import instantiate
 from omegaconf import DictConfig
 
+from hlss.config import build
 from hlss.errors import ConfigError, HLSSError
 from hlss.eval.aggregate import aggregate_scores, group_labels, mean_embeddings, patch_probabilities
 from hlss.eval.checkpoints import (
@@ -252,7 +252,7 @@ def language_outputs(cfg, run_cfg, ckpt, table, transform, out) -> dict:
         classes = list(val.classes)
         prompts = load_class_prompts(str(cfg.zero_shot.prompts), classes)
         class_text = embed_prompts(
-            instantiate(run_cfg.text_encoder), prompts, run_cfg.attributes.get("cache_dir")
+            build(run_cfg.text_encoder), prompts, run_cfg.attributes.get("cache_dir")
         )
         scores = zero_shot_scores(
             val.features, class_text, temperature=float(cfg.zero_shot.temperature)
@@ -393,8 +393,8 @@ def evaluate(cfg: DictConfig) -> dict:
     if cfg.untrained:
         checkpoints = [final]  # the initialisation is one model, whatever the run saved
     out = prepare_out(cfg.out, final)
-    table = instantiate(dataset_cfg.table)
-    transform = instantiate(dataset_cfg.transform)
+    table = build(dataset_cfg.table)
+    transform = build(dataset_cfg.transform)
     source = str(cfg.features)
     what = "untrained" if cfg.untrained else "checkpoint"
     rows, last_result, last_sets, last_info = [], None, None, None

@@ -7,9 +7,9 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
-from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
+from hlss.config import build
 from hlss.errors import ConfigError
 
 LEVELS = ("patch", "slide", "patient")
@@ -21,13 +21,13 @@ def build_datamodule(cfg: DictConfig):
     table_cfg = cfg.dataset.table
 
     def make_table():
-        return instantiate(table_cfg)
+        return build(table_cfg)
 
-    return instantiate(
+    return build(
         cfg.data,
         table=make_table,
-        transform=instantiate(cfg.dataset.transform),
-        augment=instantiate(cfg.augment),
+        transform=build(cfg.dataset.transform),
+        augment=build(cfg.augment),
         _convert_="object",
     )
 
@@ -50,13 +50,13 @@ def build_model(cfg: DictConfig):
     head = cfg.loss.head
     if head not in LOSS_HEADS:
         raise ConfigError(f"loss.head must be one of {LOSS_HEADS}, got {head!r}")
-    backbone = instantiate(cfg.backbone)
+    backbone = build(cfg.backbone)
     if head == "mlp":
         return build_dual_encoder(backbone, head="mlp", mlp_dim=cfg.model.mlp_dim), None
     size = cfg.attributes.get("size")
     model = build_dual_encoder(
         backbone,
-        instantiate(cfg.text_encoder),
+        build(cfg.text_encoder),
         banks={lv: str(cfg.attributes[lv]) for lv in LEVELS},
         bank_sizes={lv: size for lv in LEVELS},
         cache_dir=cfg.attributes.get("cache_dir"),
@@ -91,7 +91,7 @@ def build_objective(cfg: DictConfig):
     )
     align = None
     if loss.get("align") is not None:
-        align = instantiate(loss.align)
+        align = build(loss.align)
     return HLSSObjective(
         hvc, align=align, align_weights=_weights(loss.get("align_weights"), "loss.align_weights")
     )

@@ -10,10 +10,10 @@ from collections.abc import Mapping
 
 import lightning as L
 import torch
-from hydra.utils import instantiate
 from lightning.pytorch.callbacks import Callback, LearningRateMonitor, ModelCheckpoint
 from omegaconf import DictConfig, OmegaConf
 
+from hlss.config import build
 from hlss.errors import ConfigError
 from hlss.train.build import build_datamodule, build_model, build_objective, flat_params
 from hlss.train.checkpoint import AtomicCheckpointIO, find_checkpoint, load_checkpoint_file
@@ -98,7 +98,7 @@ def _mlflow_logger(cfg: DictConfig, run_id: str | None, tags: Mapping[str, str])
     uri = str(cfg.logger.get("tracking_uri", ""))
     if uri.startswith("sqlite:///"):
         os.makedirs(os.path.dirname(uri[len("sqlite:///") :]) or ".", exist_ok=True)
-    return instantiate(cfg.logger, run_id=run_id, tags=dict(tags))
+    return build(cfg.logger, run_id=run_id, tags=dict(tags))
 
 
 def run_training(cfg: DictConfig, output_dir: str) -> dict:
@@ -119,7 +119,7 @@ def run_training(cfg: DictConfig, output_dir: str) -> dict:
     model, banks = build_model(cfg)
     objective = build_objective(cfg)
     module = HLSSModule(
-        model, objective, optimizer=instantiate(cfg.optimizer), gather=bool(cfg.get("gather", True))
+        model, objective, optimizer=build(cfg.optimizer), gather=bool(cfg.get("gather", True))
     )
 
     config_path = os.path.join(output_dir, "config.yaml")
@@ -164,7 +164,7 @@ def run_training(cfg: DictConfig, output_dir: str) -> dict:
         callbacks.append(LearningRateMonitor(logging_interval="step"))
     if cfg.get("record_batches"):
         callbacks.append(BatchRecord(output_dir))
-    trainer = instantiate(
+    trainer = build(
         cfg.trainer,
         logger=logger if logger is not None else False,
         callbacks=callbacks,
