@@ -67,6 +67,29 @@ def parse_key_values(argv: Sequence[str], defaults: dict[str, Any], prog: str) -
     return values
 
 
+def _last_line(err: Exception) -> str:
+    """The last non-empty line: errors from data-loader workers arrive with the worker's traceback."""
+    lines = [line for line in str(err).strip().splitlines() if line.strip()]
+    return lines[-1] if lines else type(err).__name__
+
+
+def report_errors(func: Callable, *args, **kwargs):
+    """Run ``func``; a user error (:class:`HLSSError` or a config problem) becomes one stderr line
+    and exit status 2. For Hydra task functions, where Hydra would print its own multi-line report."""
+    from omegaconf.errors import OmegaConfBaseException
+
+    from hlss.config import config_message
+
+    try:
+        return func(*args, **kwargs)
+    except OmegaConfBaseException as err:
+        print(f"error: {config_message(err)}", file=sys.stderr)
+        raise SystemExit(EXIT_USER_ERROR) from None
+    except HLSSError as err:
+        print(f"error: {_last_line(err)}", file=sys.stderr)
+        raise SystemExit(EXIT_USER_ERROR) from None
+
+
 def quiet_libraries() -> None:
     """Silence start-up chatter of libraries (FAISS's loader, sentence-transformers) below WARNING."""
     import logging

@@ -7,16 +7,11 @@ hlss-eval ckpt=... untrained=true               # the same architecture at initi
 
 from __future__ import annotations
 
-import sys
-
 import hydra
 from omegaconf import DictConfig
-from omegaconf.errors import OmegaConfBaseException
 
-from hlss.cli.common import quiet_libraries
-from hlss.cli.train import _last_line, register_resolvers
-from hlss.config import config_message
-from hlss.errors import HLSSError
+from hlss.cli.common import quiet_libraries, report_errors
+from hlss.cli.train import register_resolvers
 
 
 def format_table(summary: dict) -> str:
@@ -36,14 +31,7 @@ def format_table(summary: dict) -> str:
 def _eval(cfg: DictConfig) -> None:
     from hlss.eval.run import evaluate
 
-    try:
-        summary = evaluate(cfg)
-    except OmegaConfBaseException as err:
-        print(f"error: {config_message(err)}", file=sys.stderr)
-        raise SystemExit(2) from None
-    except HLSSError as err:
-        print(f"error: {_last_line(err)}", file=sys.stderr)
-        raise SystemExit(2) from None
+    summary = report_errors(evaluate, cfg)
     print(format_table(summary))
     if summary.get("attribute_examples"):
         print("top attributes:\n" + summary["attribute_examples"])

@@ -10,21 +10,12 @@ from __future__ import annotations
 import json
 import logging
 import os
-import sys
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
-from omegaconf.errors import OmegaConfBaseException
 
-from hlss.cli.common import quiet_libraries
-from hlss.config import config_message
-from hlss.errors import HLSSError
-
-
-def _last_line(err: Exception) -> str:
-    lines = [line for line in str(err).strip().splitlines() if line.strip()]
-    return lines[-1] if lines else type(err).__name__
+from hlss.cli.common import quiet_libraries, report_errors
 
 
 def single_log_lines() -> None:
@@ -41,15 +32,7 @@ def _train(cfg: DictConfig) -> float | None:
 
     single_log_lines()
 
-    try:
-        summary = run_training(cfg, HydraConfig.get().runtime.output_dir)
-    except OmegaConfBaseException as err:
-        print(f"error: {config_message(err)}", file=sys.stderr)
-        raise SystemExit(2) from None
-    except HLSSError as err:
-        # errors raised in data-loader workers arrive wrapped with the worker's traceback text
-        print(f"error: {_last_line(err)}", file=sys.stderr)
-        raise SystemExit(2) from None
+    summary = report_errors(run_training, cfg, HydraConfig.get().runtime.output_dir)
     print(json.dumps(summary, indent=1))
     return summary["metrics"].get("train/loss")
 

@@ -22,10 +22,9 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 import torch
 import torch.nn.functional as F
-import yaml
 
 from hlss.errors import ConfigError, HLSSError
-from hlss.models.packaged import packaged_names, read_packaged_or_file
+from hlss.models.packaged import load_packaged_or_file, packaged_names
 
 PROMPTS_FOLDER = "prompts"
 
@@ -33,11 +32,6 @@ PROMPTS_FOLDER = "prompts"
 def packaged_prompt_names() -> list[str]:
     """Names of the class-prompt files shipped with the package (e.g. ``["opensrh_classes"]``)."""
     return packaged_names(PROMPTS_FOLDER)
-
-
-def _read_prompt_file(path_or_name: str) -> tuple[str, str]:
-    """``(display name, text)`` of a packaged prompt file name or a user path."""
-    return read_packaged_or_file(path_or_name, PROMPTS_FOLDER, "class prompt file")
 
 
 def load_class_prompts(path_or_name: str, classes: Sequence[str]) -> list[list[str]]:
@@ -63,14 +57,7 @@ def load_class_prompts(path_or_name: str, classes: Sequence[str]) -> list[list[s
     classes = [str(c) for c in classes]
     if not classes:
         raise ConfigError(f"class prompts {path_or_name!r}: no classes given")
-    where, text = _read_prompt_file(path_or_name)
-    try:
-        doc = yaml.safe_load(text)
-    except yaml.YAMLError as err:
-        mark = getattr(err, "problem_mark", None)
-        loc = f" at line {mark.line + 1}" if mark is not None else ""
-        problem = getattr(err, "problem", None) or type(err).__name__
-        raise ConfigError(f"{where}: malformed YAML{loc}: {problem}") from None
+    where, doc = load_packaged_or_file(path_or_name, PROMPTS_FOLDER, "class prompt file")
     if not isinstance(doc, Mapping):
         raise ConfigError(f"{where}: expected a mapping {{class_name: [description, ...]}}")
 

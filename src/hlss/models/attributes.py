@@ -20,10 +20,9 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 import torch
-import yaml
 
 from hlss.errors import ConfigError
-from hlss.models.packaged import packaged_names, read_packaged_or_file
+from hlss.models.packaged import load_packaged_or_file, packaged_names
 
 LEVELS = ("patch", "slide", "patient")
 
@@ -58,11 +57,6 @@ def packaged_bank_names() -> list[str]:
     return packaged_names("attributes")
 
 
-def _resolve(path_or_name: str) -> tuple[str, str]:
-    """``(display name, text)`` of a packaged bank name or a user path."""
-    return read_packaged_or_file(path_or_name, "attributes", "attribute bank")
-
-
 def load_bank(
     path_or_name: str, level: str | None = None, size: int | None = None
 ) -> AttributeBank:
@@ -83,14 +77,7 @@ def load_bank(
             description, duplicate names, an unknown or unexpected level, or ``size`` larger than
             the bank / smaller than 1.
     """
-    where, text = _resolve(path_or_name)
-    try:
-        doc = yaml.safe_load(text)
-    except yaml.YAMLError as err:
-        mark = getattr(err, "problem_mark", None)
-        loc = f" at line {mark.line + 1}" if mark is not None else ""
-        problem = getattr(err, "problem", None) or type(err).__name__
-        raise ConfigError(f"{where}: malformed YAML{loc}: {problem}") from None
+    where, doc = load_packaged_or_file(path_or_name, "attributes", "attribute bank")
     if not isinstance(doc, Mapping):
         raise ConfigError(f"{where}: expected a mapping with keys 'level' and 'attributes'")
 

@@ -45,3 +45,21 @@ def read_packaged_or_file(path_or_name: str, folder: str, what: str) -> tuple[st
         return str(path), path.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as err:
         raise ConfigError(f"{path}: cannot read {what} ({err})") from None
+
+
+def load_packaged_or_file(path_or_name: str, folder: str, what: str) -> tuple[str, object]:
+    """``(display name, parsed YAML)`` of a packaged file or a user path.
+
+    Raises:
+        ConfigError: as :func:`read_packaged_or_file`, or malformed YAML (with its line).
+    """
+    import yaml
+
+    where, text = read_packaged_or_file(path_or_name, folder, what)
+    try:
+        return where, yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        loc = f" at line {mark.line + 1}" if mark is not None else ""
+        problem = getattr(err, "problem", None) or type(err).__name__
+        raise ConfigError(f"{where}: malformed YAML{loc}: {problem}") from None
