@@ -18,6 +18,14 @@ import numpy as np
 import tifffile
 
 from hlss import CLASSES_OPENSRH
+from hlss.data.opensrh import (
+    META_FILE,
+    NONDIAGNOSTIC_PATCHES,
+    SPLIT_FILE,
+    diagnostic_key,
+    empty_patch_lists,
+    patch_path,
+)
 
 # fault name -> what break_patch writes in place of a good patch
 FAULTS = (
@@ -48,11 +56,11 @@ class OpenSRHFixture:
 
     @property
     def meta_path(self) -> str:
-        return os.path.join(self.root, "meta", "opensrh.json")
+        return os.path.join(self.root, META_FILE)
 
     @property
     def split_path(self) -> str:
-        return os.path.join(self.root, "meta", "train_val_split.json")
+        return os.path.join(self.root, SPLIT_FILE)
 
     def patients(self, label: str | None = None, split: str | None = None) -> list[str]:
         """Patient ids, optionally of one class and/or one split."""
@@ -71,7 +79,7 @@ class OpenSRHFixture:
         for pid, entry in self.meta.items():
             if patient is not None and pid != patient:
                 continue
-            key = "normal_patches" if entry["class"] == "normal" else "tumor_patches"
+            key = diagnostic_key(entry["class"])
             for lists in entry["slides"].values():
                 out.extend(lists[key])
         return out
@@ -175,21 +183,16 @@ def write_opensrh(
                 slides = {}
                 for s in range(slides_per_patient):
                     slide = str(1000 + 7 * s + number)
-                    key = "normal_patches" if label == "normal" else "tumor_patches"
-                    lists: dict[str, list[str]] = {
-                        "tumor_patches": [],
-                        "normal_patches": [],
-                        "nondiagnostic_patches": [],
-                    }
+                    lists = empty_patch_lists()
                     counts = (
-                        (key, patches_per_slide),
-                        ("nondiagnostic_patches", nondiagnostic_per_slide),
+                        (diagnostic_key(label), patches_per_slide),
+                        (NONDIAGNOSTIC_PATCHES, nondiagnostic_per_slide),
                     )
                     ix = 0
                     for list_key, n in counts:
                         for _ in range(n):
                             iy, jy = (ix % 3) * 300, (ix // 3 % 3) * 300
-                            rel = f"studies/{pid}/{slide}/patches/{pid}-{slide}-0_{ix // 9 * 1000}_{iy}_{jy}.tif"
+                            rel = patch_path(pid, slide, 0, ix // 9 * 1000, iy, jy)
                             path = os.path.join(root, rel)
                             os.makedirs(os.path.dirname(path), exist_ok=True)
                             arr = rng.integers(0, 65535, (2, size, size), endpoint=True).astype(

@@ -8,12 +8,21 @@ import os
 import pytest
 
 from hlss import CLASSES_OPENSRH
-from hlss.data.opensrh import read_opensrh
+from hlss.data.opensrh import (
+    PATCH_KEYS,
+    diagnostic_key,
+    empty_patch_lists,
+    metadata_paths,
+    parse_patch_path,
+    patch_keys_for,
+    patch_path,
+    read_opensrh,
+)
 from hlss.errors import DataError
 
 
 def patch(patient: str, slide: str, i: int) -> str:
-    return f"studies/{patient}/{slide}/patches/{patient}-{slide}-0_0_{i * 300}_0.tif"
+    return patch_path(patient, slide, 0, 0, i * 300, 0)
 
 
 def read_json(path: str):
@@ -153,3 +162,54 @@ def test_no_usable_patches(root):
     )
     with pytest.raises(DataError, match="no usable patches"):
         read_opensrh(root)
+
+
+# ---------------------------------------------------------------------------- naming rules
+def test_patch_path_follows_the_opensrh_layout_and_parses_back():
+    rel = patch_path("NIO_UM_135", "1234567", 2000, 5000, 300, 600)
+    assert rel == "studies/NIO_UM_135/1234567/patches/NIO_UM_135-1234567-2000_5000_300_600.tif"
+    assert parse_patch_path(rel) == ("NIO_UM_135", "1234567", 2000, 5000, 300, 600)
+
+
+@pytest.mark.parametrize(
+    "rel",
+    [
+        "studies/NIO_001/1/patches/NIO_002-1-0_0_0_0.tif",  # name of another patient
+        "studies/NIO_001/1/patches/NIO_001-2-0_0_0_0.tif",  # name of another slide
+        "studies/NIO_001/1/patches/NIO_001-1-0_0_0_0.png",
+        "studies/NIO_001/1/NIO_001-1-0_0_0_0.tif",  # not in patches/
+        "NIO_001/1/patches/NIO_001-1-0_0_0_0.tif",
+        "studies/NIO_001/1/patches/NIO_001-1-0_0_0.tif",  # three offsets
+    ],
+)
+def test_parse_patch_path_rejects_other_names(rel):
+    assert parse_patch_path(rel) is None
+
+
+def test_list_rule():
+    assert diagnostic_key("normal") == "normal_patches"
+    for label in ("hgg", "lgg", "mening", "metast", "pituita", "schwan"):
+        assert diagnostic_key(label) == "tumor_patches"
+    assert patch_keys_for("normal") == ("normal_patches",)
+    assert patch_keys_for("hgg", include_nondiagnostic=True) == (
+        "tumor_patches",
+        "nondiagnostic_patches",
+    )
+    lists = empty_patch_lists()
+    assert tuple(lists) == PATCH_KEYS and all(v == [] for v in lists.values())
+    lists["tumor_patches"].append("x")
+    assert empty_patch_lists()["tumor_patches"] == []  # a fresh copy each call
+
+
+def test_metadata_paths(root, tmp_path):
+    assert metadata_paths(root) == (
+        os.path.abspath(root),
+        os.path.join(os.path.abspath(root), "meta", "opensrh.json"),
+        os.path.join(os.path.abspath(root), "meta", "train_val_split.json"),
+    )
+    other = str(tmp_path / "elsewhere.json")
+    _, meta_path, split_path = metadata_paths(root, "clean/m.json", other)
+    assert meta_path == os.path.join(os.path.abspath(root), "clean", "m.json")
+    assert split_path == other
+    with pytest.raises(DataError, match="dataset root not found"):
+        metadata_paths(tmp_path / "nope")

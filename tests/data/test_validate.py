@@ -12,7 +12,7 @@ import pytest
 from hlss import CLASSES_OPENSRH
 from hlss.cli.validate import main as cli_main
 from hlss.data.opensrh import read_opensrh
-from hlss.data.validate import inspect_patch, validate_opensrh
+from hlss.data.validate import validate_opensrh
 from hlss.errors import HLSSError
 
 from .opensrh_fixture import write_opensrh
@@ -83,24 +83,6 @@ def test_bad_file_is_one_error_and_dataset_stays_trainable(fx, fault, code):
     text = report.to_text()
     assert rel in text and code in text
     assert "TRAINABLE after cleaning" in text.splitlines()[-1]
-
-
-@pytest.mark.parametrize("keep", [0.05, 0.3, 0.6, 0.9, -10])
-def test_truncated_tiff_detected_wherever_cut(fx, keep):
-    rel = fx.used_patches()[0]
-    path = fx.abspath(rel)
-    with open(path, "rb") as handle:
-        data = handle.read()
-    n = int(len(data) * keep) if keep > 0 else len(data) + keep
-    with open(path, "wb") as handle:
-        handle.write(data[:n])
-    code, message, size = inspect_patch(path)
-    assert (code, size) == ("truncated_tiff", None), message
-    assert "truncated" in message
-
-
-def test_good_patch_inspects_clean(fx):
-    assert inspect_patch(fx.abspath(fx.used_patches()[0])) == ("", "", (16, 16))
 
 
 def test_odd_size_is_warning_and_expected_size_makes_it_an_error(fx):

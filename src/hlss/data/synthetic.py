@@ -7,7 +7,7 @@
     OUT/meta/train_val_split.json  {"train": [patient ids], "val": [patient ids]}
     OUT/studies/<patient>/<slide>/patches/<patient>-<slide>-<ix>_<jx>_<iy>_<jy>.tif
 
-Every patch is a channel-first ``(2, size, size)`` uint16 TIFF (channel 0 = CH2 at 2845 cm^-1,
+(the names come from :mod:`hlss.data.opensrh`, where the layout is defined). Every patch is a channel-first ``(2, size, size)`` uint16 TIFF (channel 0 = CH2 at 2845 cm^-1,
 channel 1 = CH3 at 2930 cm^-1), so the real reader :func:`hlss.data.opensrh.read_opensrh` indexes it.
 
 What the images contain (a cartoon of SRH, not a physical simulation):
@@ -44,7 +44,18 @@ from scipy import ndimage
 
 from hlss import CLASSES_OPENSRH
 from hlss.atomic import publish_dir, temp_dir_beside
+from hlss.data.opensrh import (
+    META_DIR,
+    META_NAME,
+    NONDIAGNOSTIC_PATCHES,
+    SPLIT_NAME,
+    diagnostic_key,
+    empty_patch_lists,
+    patch_dir,
+    patch_path,
+)
 from hlss.errors import HLSSError
+from hlss.paths import cache_root
 
 GENERATOR_VERSION = 1
 """Bumped whenever the output for given parameters changes (it is part of the cache key)."""
@@ -52,8 +63,6 @@ GENERATOR_VERSION = 1
 REF_SIZE = 300
 """Patch size the class parameters are written for; other sizes rescale lengths and counts."""
 
-META_NAME = "opensrh.json"
-SPLIT_NAME = "train_val_split.json"
 CACHE_PREFIX = "opensrh-synthetic-"
 
 # Seed-sequence key tags: each kind of object has its own stream, independent of work order.
@@ -543,7 +552,7 @@ def _write_dataset(
     meta: dict[str, dict] = {}
     train: list[str] = []
     val: list[str] = []
-    os.makedirs(os.path.join(root, "meta"))
+    os.makedirs(os.path.join(root, META_DIR))
     for ci, label in enumerate(classes):
         look = CLASS_LOOKS[label]
         val_members = set(split_rng.permutation(patients_per_class)[:n_val].tolist())
@@ -559,29 +568,24 @@ def _write_dataset(
                 mods = p_mods.times(s_mods)
                 total = patches_per_slide + nondiagnostic_per_slide
                 positions = _patch_positions(srng, total)
-                rel_dir = f"studies/{patient}/{slide}/patches"
-                os.makedirs(os.path.join(root, *rel_dir.split("/")))
-                lists: dict[str, list[str]] = {
-                    "tumor_patches": [],
-                    "normal_patches": [],
-                    "nondiagnostic_patches": [],
-                }
-                diag_key = "normal_patches" if label == "normal" else "tumor_patches"
+                os.makedirs(os.path.join(root, *patch_dir(patient, slide).split("/")))
+                lists = empty_patch_lists()
+                diag_key = diagnostic_key(label)
                 for k, (ix, jx, iy, jy) in enumerate(positions):
                     rng = _rng(seed, _KEY_PATCH, ci, pi, si, k)
                     diagnostic = k < patches_per_slide
                     render = _render_tissue if diagnostic else _render_nondiagnostic
                     ch2, ch3 = render(rng, look, mods, size)
                     patch = _acquire(rng, ch2, ch3, s_nuis, size)
-                    rel = f"{rel_dir}/{patient}-{slide}-{ix}_{jx}_{iy}_{jy}.tif"
+                    rel = patch_path(patient, slide, ix, jx, iy, jy)
                     _write_tiff(os.path.join(root, *rel.split("/")), patch)
-                    lists[diag_key if diagnostic else "nondiagnostic_patches"].append(rel)
+                    lists[diag_key if diagnostic else NONDIAGNOSTIC_PATCHES].append(rel)
                 slides[slide] = lists
             meta[patient] = {"class": label, "slides": slides}
-    with open(os.path.join(root, "meta", META_NAME), "w", encoding="utf-8") as handle:
+    with open(os.path.join(root, META_DIR, META_NAME), "w", encoding="utf-8") as handle:
         json.dump(meta, handle, indent=1)
         handle.write("\n")
-    with open(os.path.join(root, "meta", SPLIT_NAME), "w", encoding="utf-8") as handle:
+    with open(os.path.join(root, META_DIR, SPLIT_NAME), "w", encoding="utf-8") as handle:
         json.dump({"train": train, "val": val}, handle, indent=1)
         handle.write("\n")
 
@@ -651,11 +655,6 @@ def generate_opensrh(
 # cached dataset for ``dataset=synthetic``
 
 
-def default_cache_dir() -> str:
-    """``$HLSS_CACHE`` if set, else ``~/.cache/hlss``."""
-    return os.path.expanduser(os.environ.get("HLSS_CACHE") or os.path.join("~", ".cache", "hlss"))
-
-
 def synthetic_params(**params: object) -> dict:
     """All parameters of :func:`generate_opensrh` (except ``out``), defaults filled in.
 
@@ -684,7 +683,7 @@ def ensure_synthetic(cache_dir: str | None = None, **params: object) -> str:
     """Return the cached synthetic dataset for ``params``, generating it on first use.
 
     The folder is ``<cache_dir>/opensrh-synthetic-<hash>``, ``cache_dir`` defaulting to
-    :func:`default_cache_dir`; ``params`` are those of :func:`generate_opensrh` except ``out``.
+    :func:`hlss.paths.cache_root` (``$HLSS_CACHE`` or ``~/.cache/hlss``); ``params`` are those of :func:`generate_opensrh` except ``out``.
     Safe when several processes (e.g. DDP ranks) call it at once: each generates into its own
     temporary folder and renames it into place; a process that loses the race discards its copy.
 
@@ -693,9 +692,9 @@ def ensure_synthetic(cache_dir: str | None = None, **params: object) -> str:
             and is not empty (it is never overwritten).
     """
     full = synthetic_params(**params)
-    base = os.path.abspath(os.path.expanduser(str(cache_dir or default_cache_dir())))
+    base = os.path.abspath(os.path.expanduser(str(cache_dir or cache_root())))
     target = os.path.join(base, CACHE_PREFIX + synthetic_key(**full))
-    marker = os.path.join(target, "meta", META_NAME)
+    marker = os.path.join(target, META_DIR, META_NAME)
     if os.path.isfile(marker):
         return target
     if os.path.exists(target) and not (os.path.isdir(target) and not os.listdir(target)):

@@ -22,9 +22,8 @@ import os
 import re
 from collections.abc import Sequence
 
-from hlss.data.io import H5_EXT, H5_SEP, IMAGE_EXT, TIFF_EXT
+from hlss.data.io import H5_EXT, H5_SEP, IMAGE_EXT, TIFF_EXT, load_json
 from hlss.data.manifest import read_string_csv
-from hlss.data.opensrh import load_json
 from hlss.data.table import SPLITS, PatchTable
 from hlss.errors import DataError
 
