@@ -1,25 +1,47 @@
-"""Tests for the batched strong augmentation (BatchAugment)."""
+"""Tests for the batched strong augmentation (BatchAugment around kornia's AugmentationSequential).
+
+Each op is taken from ``conf/augment/hidisc.yaml`` itself (a kornia ``_target_`` node), so the
+tests check the shipped configuration, not a copy of it.
+"""
 
 from __future__ import annotations
 
 from pathlib import Path
 
+import kornia.augmentation as K
 import pytest
 import torch
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
+from torch import nn
 
 import hlss
-from hlss.data.augment import OP_NAMES, BatchAugment
+from hlss.config import build
+from hlss.data.augment import BatchAugment, RandomGaussianNoiseStd, RandomResizedCropKeepSize
 from hlss.errors import ConfigError
 
 CONF_DIR = Path(hlss.__file__).parent / "conf" / "augment"
 
+# HiDisc's strong augmentation list, as op classes in hidisc.yaml's order
+HIDISC_OPS = [
+    "RandomHorizontalFlip",
+    "RandomVerticalFlip",
+    "RandomGaussianNoiseStd",
+    "ColorJitter",
+    "RandomAutoContrast",
+    "RandomSolarize",
+    "RandomSharpness",
+    "RandomGaussianBlur",
+    "RandomAffine",
+    "RandomResizedCropKeepSize",
+    "RandomErasing",
+]
+
 # parameters that make "p=1 changes every sample" certain rather than almost certain
 # (e.g. a blur with sigma 0.1 is the identity in float32; a crop may cover the whole image)
 SURE_CHANGE = {
-    "gaussian_blur": {"sigma": [1.0, 2.0]},
-    "resized_crop": {"scale": [0.3, 0.6]},
+    "RandomGaussianBlur": {"sigma": [1.0, 2.0]},
+    "RandomResizedCropKeepSize": {"scale": [0.3, 0.6]},
 }
 
 
@@ -29,8 +51,21 @@ def _batch(n: int = 8, size: int = 32, seed: int = 0) -> torch.Tensor:
     return torch.rand(n, 3, size, size, generator=gen) * 0.6 + 0.2
 
 
-def _spec(name: str, p: float) -> dict:
-    return {"name": name, "p": p, **SURE_CHANGE.get(name, {})}
+def _yaml_op(name: str) -> dict:
+    """hidisc.yaml's node for the op class ``name`` (unresolved: ``p`` is ``${...p}``)."""
+    ops = OmegaConf.to_container(OmegaConf.load(CONF_DIR / "hidisc.yaml").ops, resolve=False)
+    (node,) = [op for op in ops if op["_target_"].rsplit(".", 1)[-1] == name]
+    return {**node, **SURE_CHANGE.get(name, {})}
+
+
+def _augment(names: list[str], p: float, op_p: float | None = None) -> BatchAugment:
+    """BatchAugment of hidisc.yaml's ops ``names`` under a default ``p``; ``op_p`` overrides."""
+    ops = [_yaml_op(n) | ({} if op_p is None else {"p": op_p}) for n in names]
+    return instantiate(
+        OmegaConf.create(
+            {"_target_": BatchAugment.__module__ + ".BatchAugment", "p": p, "ops": ops}
+        )
+    )
 
 
 def _changed(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -38,49 +73,42 @@ def _changed(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     return (x != y).flatten(1).any(1)
 
 
-def test_op_names_are_hidisc_strong_list():
-    assert set(OP_NAMES) == {
-        "hflip",
-        "vflip",
-        "gaussian_noise",
-        "color_jitter",
-        "autocontrast",
-        "solarize",
-        "sharpness",
-        "gaussian_blur",
-        "affine",
-        "resized_crop",
-        "erasing",
-    }
+def test_hidisc_config_lists_hidisc_strong_ops_with_its_p():
+    aug = instantiate(OmegaConf.load(CONF_DIR / "hidisc.yaml"))
+    assert isinstance(aug, BatchAugment)
+    assert isinstance(aug.sequence, K.AugmentationSequential)
+    assert aug.op_names == HIDISC_OPS
+    assert aug.p == 0.3
+    assert [op.p for op in aug.sequence.children()] == [0.3] * len(HIDISC_OPS)
 
 
-@pytest.mark.parametrize("name", OP_NAMES)
+@pytest.mark.parametrize("name", HIDISC_OPS)
 def test_p0_is_exact_identity(name):
     torch.manual_seed(0)
     x = _batch()
-    y = BatchAugment([_spec(name, 0.0)], p=1.0)(x)
+    y = _augment([name], p=1.0, op_p=0.0)(x)
     assert torch.equal(y, x)
 
 
-@pytest.mark.parametrize("name", OP_NAMES)
+@pytest.mark.parametrize("name", HIDISC_OPS)
 def test_p1_changes_every_sample(name):
     torch.manual_seed(0)
     x = _batch()
     x_before = x.clone()
-    y = BatchAugment([_spec(name, 1.0)], p=0.0)(x)
+    y = _augment([name], p=0.0, op_p=1.0)(x)
     assert torch.equal(x, x_before), "input must not be modified in place"
     assert y.shape == x.shape and y.dtype == x.dtype and y.device == x.device
     assert y.min() >= 0 and y.max() <= 1
     assert _changed(x, y).all(), f"{name} left some samples unchanged at p=1"
 
 
-@pytest.mark.parametrize("name", OP_NAMES)
+@pytest.mark.parametrize("name", HIDISC_OPS)
 def test_global_p_is_used_when_op_has_no_override(name):
+    """``augment.p`` reaches every op through the YAML's ``p: ${...p}`` (HiDisc's rand_aug_prob)."""
     torch.manual_seed(0)
     x = _batch()
-    spec = {"name": name, **SURE_CHANGE.get(name, {})}
-    assert torch.equal(BatchAugment([spec], p=0.0)(x), x)
-    assert _changed(x, BatchAugment([spec], p=1.0)(x)).all()
+    assert torch.equal(_augment([name], p=0.0)(x), x)
+    assert _changed(x, _augment([name], p=1.0)(x)).all()
 
 
 @pytest.mark.parametrize("p", [0.5, 0.2])
@@ -88,7 +116,7 @@ def test_probability_is_honoured(p):
     """The configured probability is the one used (the reference always used 0.5)."""
     torch.manual_seed(0)
     x = _batch(n=400, size=8)
-    y = BatchAugment(["hflip"], p=p)(x)
+    y = _augment(["RandomHorizontalFlip"], p=p)(x)
     frac = _changed(x, y).float().mean().item()
     assert p - 0.1 <= frac <= p + 0.1
     # the changed ones are exactly flipped, the others untouched
@@ -97,22 +125,52 @@ def test_probability_is_honoured(p):
     assert torch.equal(y[~flipped], x[~flipped])
 
 
-@pytest.mark.parametrize("name", ["affine", "color_jitter"])
+@pytest.mark.parametrize("name", ["RandomAffine", "ColorJitter", "RandomGaussianNoiseStd"])
 def test_parameters_are_drawn_per_sample(name):
     torch.manual_seed(0)
     x = _batch(n=1).expand(6, -1, -1, -1).contiguous()
-    y = BatchAugment([name], p=1.0)(x)
+    y = _augment([name], p=1.0)(x)
     flat = y.flatten(1)
     for i in range(len(flat)):
         for j in range(i + 1, len(flat)):
             assert not torch.equal(flat[i], flat[j]), f"samples {i} and {j} got the same {name}"
 
 
+def test_color_jitter_changes_colour_statistics():
+    torch.manual_seed(0)
+    x = _batch(n=32)
+    y = _augment(["ColorJitter"], p=1.0)(x)
+    # brightness/contrast/saturation move most images' channel means, by different amounts
+    shift = (y.mean((2, 3)) - x.mean((2, 3))).abs().amax(1)
+    assert (shift > 5e-3).float().mean() >= 0.75
+    assert shift.std() > 0.01
+
+
+def test_noise_std_is_drawn_per_image_within_range():
+    torch.manual_seed(0)
+    x = torch.full((64, 3, 64, 64), 0.5)
+    y = BatchAugment([RandomGaussianNoiseStd(std=[0.01, 0.05], p=1.0)])(x)
+    std = (y - x).flatten(1).std(1)
+    assert std.min() >= 0.009 and std.max() <= 0.051
+    assert std.max() - std.min() > 0.02  # spread over the range, not one fixed std
+    fixed = BatchAugment([RandomGaussianNoiseStd(std=0.03, p=1.0)])(x)
+    assert torch.allclose((fixed - x).flatten(1).std(1), torch.full((64,), 0.03), atol=2e-3)
+
+
+def test_resized_crop_keeps_each_input_size_and_gates_per_image():
+    torch.manual_seed(0)
+    crop = BatchAugment([RandomResizedCropKeepSize(scale=[0.3, 0.6], p=0.5)])
+    for shape in [(4, 3, 10, 12), (5, 3, 20, 20)]:
+        assert crop(torch.rand(shape)).shape == shape
+    x = _batch(n=200, size=16)
+    frac = _changed(x, crop(x)).float().mean().item()
+    assert 0.4 <= frac <= 0.6, "kornia's own crop would crop all or none of the batch"
+
+
 def test_hierarchy_shaped_input_keeps_shape_and_augments_each_image():
     torch.manual_seed(0)
     x = torch.rand(2, 2, 2, 2, 3, 16, 16) * 0.6 + 0.2
-    aug = BatchAugment([_spec(n, 0.5) for n in OP_NAMES], p=0.5)
-    y = aug(x)
+    y = _augment(HIDISC_OPS, p=0.5)(x)
     assert y.shape == x.shape and y.dtype == x.dtype
     assert y.min() >= 0 and y.max() <= 1
     assert not torch.equal(y, x)
@@ -128,50 +186,93 @@ def test_empty_op_list_is_identity_and_clamps():
 def test_half_precision_and_no_grad():
     torch.manual_seed(0)
     x = _batch().half().requires_grad_(False)
-    y = BatchAugment(list(OP_NAMES), p=0.5)(x)
+    y = _augment(HIDISC_OPS, p=0.5)(x)
     assert y.dtype == torch.float16 and y.shape == x.shape
     w = _batch().requires_grad_(True)
-    assert not BatchAugment(["affine"], p=1.0)(w).requires_grad
+    assert not _augment(["RandomAffine"], p=1.0)(w).requires_grad
+
+
+def test_deterministic_under_a_seed():
+    aug = instantiate(OmegaConf.load(CONF_DIR / "hidisc.yaml"))
+    x = _batch(n=16)
+    torch.manual_seed(123)
+    first = aug(x)
+    torch.manual_seed(123)
+    assert torch.equal(aug(x), first)
+    torch.manual_seed(124)
+    assert not torch.equal(aug(x), first)
+
+
+def test_construction_keeps_the_global_rng_state():
+    torch.manual_seed(5)
+    expected = torch.rand(3)
+    torch.manual_seed(5)
+    instantiate(OmegaConf.load(CONF_DIR / "hidisc.yaml"))
+    assert torch.equal(torch.rand(3), expected)
 
 
 def test_bad_input_tensor():
+    aug = _augment(["RandomHorizontalFlip"], p=0.3)
     with pytest.raises(ValueError, match="C, H, W"):
-        BatchAugment(["hflip"])(torch.rand(4, 4))
+        aug(torch.rand(4, 4))
     with pytest.raises(ValueError, match="floating"):
-        BatchAugment(["hflip"])(torch.zeros(1, 3, 4, 4, dtype=torch.uint8))
+        aug(torch.zeros(1, 3, 4, 4, dtype=torch.uint8))
 
 
 @pytest.mark.parametrize(
     ("ops", "p", "match"),
     [
-        (["rotate90"], 0.3, "unknown augment op 'rotate90'"),
-        ([{"name": "affine", "degres": 5}], 0.3, "'affine': unknown parameter 'degres'"),
-        ([{"name": "hflip", "p": 1.5}], 0.3, "'hflip': probability"),
-        (["hflip"], -0.1, "probability"),
-        ([{"degrees": 5}], 0.3, "no 'name'"),
-        ([{"name": "gaussian_blur", "kernel_size": 4}], 0.3, "'gaussian_blur': invalid"),
-        ([{"name": "gaussian_noise", "std": [0.5, 0.1]}], 0.3, "'gaussian_noise': invalid"),
-        ([{"name": "solarize", "threshold": "high"}], 0.3, "'solarize': invalid"),
-        ("hflip", 0.3, "list"),
+        ([{"_target_": "kornia.augmentation.RandomAffine", "degres": 5}], 0.3, "'degres'"),
+        (
+            [{"_target_": "kornia.augmentation.RandomHorizontalFlip", "p": 1.5}],
+            0.3,
+            r"op #0 \(RandomHorizontalFlip\): probability",
+        ),
+        ([{"_target_": "kornia.augmentation.RandomHorizontalFlip"}], -0.1, "probability"),
+        ([{"_target_": "torch.nn.Identity"}], 0.3, r"\(Identity\) is not a kornia"),
+        (
+            [
+                {
+                    "_target_": "kornia.augmentation.RandomGaussianBlur",
+                    "kernel_size": 4,
+                    "sigma": [0.1, 2.0],
+                }
+            ],
+            0.3,
+            r"\(RandomGaussianBlur\): invalid parameters",
+        ),
+        (
+            [{"_target_": "hlss.data.augment.RandomGaussianNoiseStd", "std": [0.5, 0.1]}],
+            0.3,
+            "std range",
+        ),
+        (
+            [{"_target_": "hlss.data.augment.RandomGaussianNoiseStd", "std": [-0.1, 0.1]}],
+            0.3,
+            "std must be >= 0",
+        ),
+        (
+            [{"_target_": "hlss.data.augment.RandomResizedCropKeepSize", "scale": [0.6, 0.3]}],
+            0.3,
+            "scale range",
+        ),
+        (
+            [{"_target_": "kornia.augmentation.RandomSolarize", "thresholds": "high"}],
+            0.3,
+            "RandomSolarize|invalid data type",
+        ),
     ],
 )
 def test_bad_config_raises_config_error(ops, p, match):
+    node = OmegaConf.create({"_target_": "hlss.data.augment.BatchAugment", "p": p, "ops": ops})
     with pytest.raises(ConfigError, match=match) as info:
-        BatchAugment(ops, p=p)
+        build(node)
     assert "\n" not in str(info.value)
 
 
-def test_hidisc_config_instantiates_and_runs():
-    cfg = OmegaConf.load(CONF_DIR / "hidisc.yaml")
-    aug = instantiate(cfg)
-    assert isinstance(aug, BatchAugment)
-    assert aug.op_names == list(OP_NAMES)
-    assert aug.p == 0.3
-    torch.manual_seed(0)
-    x = _batch(n=16)
-    y = aug(x)
-    assert y.shape == x.shape and y.min() >= 0 and y.max() <= 1
-    assert not torch.equal(y, x)
+def test_non_kornia_module_is_refused_directly():
+    with pytest.raises(ConfigError, match="not a kornia"):
+        BatchAugment([nn.ReLU()])
 
 
 def test_none_config_is_identity():
@@ -185,5 +286,6 @@ def test_none_config_is_identity():
 def test_runs_on_cuda():
     torch.manual_seed(0)
     x = _batch().cuda()
-    y = BatchAugment(list(OP_NAMES), p=0.5)(x)
+    y = _augment(HIDISC_OPS, p=0.5)(x)
     assert y.device == x.device and y.shape == x.shape
+    assert not torch.equal(y, x)
