@@ -81,6 +81,46 @@ def test_packaged_opensrh_prompts_cover_classes(tmp_path):
     assert emb.shape == (7, 32)
 
 
+class _TokenList(list):
+    """What open_clip's builder gets from the tokenizer: it only calls ``.to(device)``."""
+
+    def to(self, device):
+        return self
+
+
+class _EncodeTextAdapter:
+    """A text encoder seen through open_clip's model interface (``encode_text``)."""
+
+    def __init__(self, encoder):
+        self.encoder = encoder
+
+    def encode_text(self, texts, normalize: bool = False):
+        emb = self.encoder.encode(list(texts))
+        return torch.nn.functional.normalize(emb, dim=-1) if normalize else emb
+
+
+def test_open_clip_builder_matches_embed_prompts_for_tiny_encoder(tmp_path):
+    """embed_prompts' ensembling (kept for encoders without encode_text) means the same as
+    open_clip's zero-shot classifier builder."""
+    from open_clip.zero_shot_classifier import build_zero_shot_classifier
+
+    enc = TinyTextEncoder(dim=24, seed=5)
+    classnames = ["tumour", "necrosis", "normal white matter"]
+    templates = ["a smear of {} cells.", "{}", "an image showing {} under the microscope"]
+    weights = build_zero_shot_classifier(
+        _EncodeTextAdapter(enc), _TokenList, classnames, templates, num_classes_per_batch=2
+    )  # [D, C]
+    prompts = [[t.format(c) for t in templates] for c in classnames]
+    ours = embed_prompts(enc, prompts, tmp_path)
+    assert weights.shape == (24, 3) and ours.shape == (3, 24)
+    torch.testing.assert_close(ours, weights.T, rtol=1e-5, atol=1e-6)
+    # and the scores built on either are the same
+    x = np.random.default_rng(1).normal(size=(6, 24)).astype(np.float32)
+    np.testing.assert_allclose(
+        zero_shot_scores(x, ours), zero_shot_scores(x, weights.T), rtol=1e-4, atol=1e-6
+    )
+
+
 # ---------------------------------------------------------------------------------------------
 # zero_shot_scores
 

