@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import warnings
 
 import numpy as np
 import pytest
@@ -100,6 +101,19 @@ def test_mean_embeddings():
     np.testing.assert_allclose(means, [[(3 + 5 + 9) / 3, (4 + 6 + 10) / 3], [4, 5]], rtol=1e-6)
     with pytest.raises(ValueError):
         mean_embeddings(emb, SLIDES[:3])
+
+
+def test_mean_embeddings_of_a_read_only_memory_map(tmp_path):
+    """Embedding sets are read-only float16 memory maps: no copy warning, same means."""
+    emb = np.array([[1, 2], [3, 4], [5, 6], [7, 8], [9, 10]], np.float16)
+    path = tmp_path / "emb.f16"
+    emb.tofile(path)
+    mapped = np.memmap(path, dtype=np.float16, mode="r", shape=emb.shape)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        keys, means = mean_embeddings(mapped, SLIDES, chunk_size=2)
+    assert list(keys) == ["s1", "s2", "s3"]
+    np.testing.assert_allclose(means, [[6, 7], [5, 6], [4, 5]])
 
 
 def test_missing_key_and_large_vectorised():

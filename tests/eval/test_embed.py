@@ -15,12 +15,6 @@ from omegaconf import OmegaConf
 
 from hlss.data.table import PatchTable
 from hlss.errors import HLSSError
-from hlss.eval.checkpoints import (
-    list_checkpoints,
-    load_trained_model,
-    run_config_for,
-    untrained_model,
-)
 from hlss.eval.embed import (
     PatchDataset,
     cache_key,
@@ -28,7 +22,10 @@ from hlss.eval.embed import (
     embed_table,
     load_embedding_set,
 )
-from hlss.train.checkpoint import load_checkpoint_file
+from hlss.eval.restore import (
+    load_trained_model,
+    untrained_model,
+)
 
 
 def _one_line(err: pytest.ExceptionInfo) -> str:
@@ -48,45 +45,6 @@ def _touch(path, data: bytes = b"x") -> str:
     return str(path)
 
 
-def test_list_checkpoints_orders_by_step_and_skips_last(tmp_path):
-    ck = tmp_path / "run" / "checkpoints"
-    s10 = _touch(ck / "step-0000010.ckpt")
-    s2 = _touch(ck / "step-0000002.ckpt")
-    _touch(ck / "last.ckpt")
-    _touch(ck / ".tmp-abc.ckpt")  # an interrupted atomic write
-    _touch(ck / "notes.txt")
-    odd = str(ck / "epoch=0.ckpt")  # no step in the name: its global_step decides
-    torch.save({"global_step": 5}, odd)
-    expected = [s2, odd, s10]
-    assert list_checkpoints(str(tmp_path / "run")) == expected
-    assert list_checkpoints(str(ck)) == expected
-
-
-def test_list_checkpoints_last_only_and_single_file(tmp_path):
-    last = _touch(tmp_path / "checkpoints" / "last.ckpt")
-    assert list_checkpoints(str(tmp_path)) == [last]
-    assert list_checkpoints(last) == [last]
-
-
-def test_list_checkpoints_errors(tmp_path):
-    (tmp_path / "empty").mkdir()
-    with pytest.raises(HLSSError) as err:
-        list_checkpoints(str(tmp_path / "empty"))
-    assert "no checkpoint" in _one_line(err)
-    with pytest.raises(HLSSError) as err:
-        list_checkpoints(str(tmp_path / "missing"))
-    assert "missing" in _one_line(err)
-
-
-def test_tiny_run_fixture(tiny_run):
-    assert list_checkpoints(tiny_run["run_dir"]) == tiny_run["checkpoints"]
-    assert [os.path.basename(p) for p in tiny_run["checkpoints"]] == [
-        "step-0000001.ckpt",
-        "step-0000002.ckpt",
-    ]
-    assert os.path.isfile(tiny_run["config"])
-
-
 # ---------------------------------------------------------------------------------------------
 # loading trained models
 
@@ -96,79 +54,12 @@ def trained(tiny_run):
     return load_trained_model(tiny_run["checkpoints"][-1])
 
 
-def test_loaded_model_equals_checkpoint(tiny_run, trained):
-    model, info = trained
-    ckpt = tiny_run["checkpoints"][-1]
-    state = load_checkpoint_file(ckpt)["state_dict"]
-    weights = {k[len("model.") :]: v for k, v in state.items() if k.startswith("model.")}
-    own = model.state_dict()
-    assert set(own) == set(weights)
-    assert "text_patch" in own  # the frozen text buffers come from the checkpoint too
-    for key, value in weights.items():
-        assert torch.equal(own[key], value), key
-    assert not model.training
-    assert info["step"] == 2 and info["checkpoint"] == ckpt
-    assert info["mlflow_run_id"] is None and info["tracking_uri"] is None  # logger=none
-
-    first, info1 = load_trained_model(tiny_run["checkpoints"][0])
-    assert info1["step"] == 1
-    changed = [
-        k
-        for k, v in first.state_dict().items()
-        if v.is_floating_point() and not torch.equal(v, own[k])
-    ]
-    assert changed  # a training step moved the weights
-
-
-def test_untrained_model_is_seeded_and_side_effect_free(tiny_run, trained):
-    cfg = run_config_for(tiny_run["checkpoints"][0])
-    torch.manual_seed(123)
-    expected_next = torch.rand(3)
-    torch.manual_seed(123)
-    a = untrained_model(cfg)
-    assert torch.equal(torch.rand(3), expected_next)  # the caller's generator is untouched
-    b = untrained_model(cfg)
-    sa, sb, st = a.state_dict(), b.state_dict(), trained[0].state_dict()
-    assert set(sa) == set(st)
-    assert all(torch.equal(sa[k], sb[k]) for k in sa)
-    assert any(not torch.equal(sa[k], st[k]) for k in sa if sa[k].is_floating_point())
-
-
 def _run_copy(tiny_run, dst, with_config=True) -> str:
     ck = dst / "checkpoints"
     ck.mkdir(parents=True)
     if with_config:
         shutil.copy(tiny_run["config"], dst / "config.yaml")
     return str(ck)
-
-
-def test_corrupt_checkpoint_is_one_line(tiny_run, tmp_path):
-    ck = _run_copy(tiny_run, tmp_path / "run")
-    bad = _touch(os.path.join(ck, "step-0000001.ckpt"), b"\x00not a checkpoint")
-    with pytest.raises(HLSSError) as err:
-        load_trained_model(bad)
-    assert bad in _one_line(err)
-
-
-def test_missing_run_config(tiny_run, tmp_path):
-    ck = _run_copy(tiny_run, tmp_path / "run", with_config=False)
-    path = shutil.copy(tiny_run["checkpoints"][0], ck)
-    with pytest.raises(HLSSError) as err:
-        load_trained_model(path)
-    assert "config.yaml" in _one_line(err)
-    # a config next to the checkpoint is found too
-    shutil.copy(tiny_run["config"], os.path.join(ck, "config.yaml"))
-    assert run_config_for(path).loss.name == "attr3levels"
-
-
-def test_mismatching_weights_name_checkpoint_and_keys(tiny_run):
-    cfg = OmegaConf.load(tiny_run["config"])
-    cfg.loss.head = "mlp"  # another architecture than the one trained
-    ckpt = tiny_run["checkpoints"][0]
-    with pytest.raises(HLSSError) as err:
-        load_trained_model(ckpt, cfg=cfg)
-    text = _one_line(err)
-    assert ckpt in text and "missing" in text and "unexpected" in text
 
 
 # ---------------------------------------------------------------------------------------------

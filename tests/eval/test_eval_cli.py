@@ -97,6 +97,25 @@ def test_second_eval_reuses_embeddings(tiny_run, tmp_path):
     assert a["step"] == b["step"] == 2
 
 
+def test_lone_checkpoint_copied_anywhere(tiny_run, tmp_path):
+    """A checkpoint carries its run config: no config.yaml, no run folder needed."""
+    lone = tmp_path / "elsewhere" / "model.ckpt"
+    lone.parent.mkdir()
+    shutil.copy(tiny_run["checkpoints"][-1], lone)
+    run_eval(
+        f"ckpt={lone}",
+        "mlflow.enabled=false",
+        "zero_shot.enabled=false",
+        "explain.enabled=false",
+        "probe.enabled=false",
+        *FAST,
+    )
+    (out,) = [p for p in (tmp_path / "elsewhere").iterdir() if p.is_dir()]
+    assert out.name.startswith("eval-")  # the default out: beside the checkpoint
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["step"] == 2 and metrics["checkpoint"] == str(lone)
+
+
 def test_untrained_baseline(tiny_run, tmp_path):
     run_eval(
         f"ckpt={tiny_run['run_dir']}",

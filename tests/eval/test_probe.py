@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -120,3 +122,33 @@ def test_probe_split_patient_disjoint():
         probe_split(emb, _index(train_x, train_y, val_x, val_y, overlap=True), 3, device="cpu")
     with pytest.raises(HLSSError, match="no rows in split 'test'"):
         probe_split(emb, index, 3, val_split="test", device="cpu")
+
+
+@pytest.mark.parametrize("weight_decay", [0.05, 0.5])
+def test_probe_minimises_the_documented_objective(weight_decay):
+    """At the returned fit, the gradient of mean cross-entropy + weight_decay/2 ||W||^2 is zero
+    (checks the weight_decay -> C mapping; W is recovered from the log-probabilities)."""
+    x, y = _blobs(30, seed=0, dim=4)
+    x = (x - x.mean(0)) / x.std(0)
+    probs = linear_probe(
+        x, y, x, 3, weight_decay=weight_decay, standardize=False, max_iter=1000, device="cpu"
+    ).astype(np.float64)
+    logp = np.log(probs)
+    design = np.c_[x, np.ones(len(x))]
+    diff = np.linalg.lstsq(design, logp - logp[:, :1], rcond=None)[0][:-1]  # W up to a shift
+    weight = diff - diff.mean(1, keepdims=True)  # the L2 optimum has columns summing to zero
+    grad = x.T @ (probs - np.eye(3)[y]) / len(x) + weight_decay * weight
+    assert np.abs(grad).max() < 0.01 * np.abs(weight_decay * weight).max()
+    # a ten times weaker penalty gives more confident predictions
+    weaker = linear_probe(x, y, x, 3, weight_decay=weight_decay / 10, standardize=False)
+    assert weaker.max(1).mean() > probs.max(1).mean()
+
+
+def test_probe_single_train_class_and_few_iterations():
+    x, y = _blobs(10, seed=0)
+    probs = linear_probe(x, np.full(len(x), 2), x[:4], 3, device="cpu")
+    assert probs.tolist() == [[0.0, 0.0, 1.0]] * 4
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # stopping at max_iter is not a warning
+        few = linear_probe(x, y, x, 3, max_iter=1, device="cpu")
+    np.testing.assert_allclose(few.sum(1), 1.0, rtol=1e-5)

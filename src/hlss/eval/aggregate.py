@@ -210,14 +210,14 @@ def mean_embeddings(
     Raises:
         ValueError: ``embeddings`` is not 2-D floating point, lengths differ, or a key is missing.
     """
-    emb = embeddings.detach() if isinstance(embeddings, torch.Tensor) else None
-    if emb is None:
-        arr = np.asarray(embeddings)
-        if not np.issubdtype(arr.dtype, np.floating):
-            raise ValueError(f"embeddings must be floating point, got {arr.dtype}")
-        emb = torch.from_numpy(np.ascontiguousarray(arr))
-    elif not torch.is_floating_point(emb):
-        raise ValueError(f"embeddings must be floating point, got {emb.dtype}")
+    if isinstance(embeddings, torch.Tensor):
+        emb = embeddings.detach()
+        if not torch.is_floating_point(emb):
+            raise ValueError(f"embeddings must be floating point, got {emb.dtype}")
+    else:  # converted chunk by chunk: a read-only memory map is never handed to torch
+        emb = np.asarray(embeddings)
+        if not np.issubdtype(emb.dtype, np.floating):
+            raise ValueError(f"embeddings must be floating point, got {emb.dtype}")
     if emb.ndim != 2:
         raise ValueError(f"embeddings must have shape [rows, dim], got {tuple(emb.shape)}")
     codes, keys = factorize_groups(groups)
@@ -226,7 +226,12 @@ def mean_embeddings(
     codes_t = torch.from_numpy(codes)
     acc = torch.zeros((len(keys), emb.shape[1]), dtype=torch.float64)
     for start in range(0, emb.shape[0], chunk_size):
-        part = emb[start : start + chunk_size].cpu().to(torch.float64)
+        part = emb[start : start + chunk_size]
+        part = (
+            part.cpu().to(torch.float64)
+            if isinstance(part, torch.Tensor)
+            else torch.from_numpy(np.array(part, dtype=np.float64))
+        )
         acc.index_add_(0, codes_t[start : start + chunk_size], part)
     counts = torch.bincount(codes_t, minlength=len(keys)).to(torch.float64)
     means = (acc / counts[:, None]).to(torch.float32).numpy()

@@ -1,7 +1,7 @@
 """Embedding extraction for evaluation, streamed to disk and cached across runs.
 
 :func:`embed_table` runs a model over every patch of a :class:`~hlss.data.table.PatchTable` (base
-transform only) and writes an *embedding set*, a folder with
+transform only) with Lightning's ``Trainer.predict`` and writes an *embedding set*, a folder with
 
 * ``features.npy``: ``float16 [n, d]``, row ``i`` the embedding of ``index.csv`` row ``i``;
 * ``index.csv``: ``row, patient, slide, path, label, label_index, split`` (``row`` = the patch's
@@ -9,25 +9,31 @@ transform only) and writes an *embedding set*, a folder with
 * ``manifest.json``: ``source, dim, count, dtype, classes, checkpoint, created, bad_count,
   bad_files`` and a few more provenance fields.
 
-Features go straight from each batch into a memory-mapped ``.npy`` (never all of them in RAM as
-float32), inside a temporary sibling folder that is renamed into place at the end, so an
-interrupted run never leaves a half-written set. Unreadable patches are skipped, listed in the
-manifest and left out of ``features``/``index``.
+Lightning brings the device (CPU, one or several GPUs), the precision and a progress bar (shown
+when stderr is a terminal); :class:`~hlss.eval.embed_writer.EmbeddingWriter` streams each batch
+straight into a memory-mapped ``.npy`` (never all features in RAM as float32), inside a
+temporary sibling folder that is renamed into place at the end, so an interrupted run never
+leaves a half-written set. Unreadable patches are skipped, listed in the manifest and left out
+of ``features``/``index``.
 
 :func:`cached_embeddings` keys a set by checkpoint content, embedding source, split, table and
-transform under ``<cache>/embeddings/<key>/`` and builds the model only on a cache miss.
+transform (:func:`~hlss.eval.embed_cache.cache_key`) under ``<cache>/embeddings/<key>/`` and
+builds the model only on a cache miss.
 """
 
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
-import hashlib
 import json
 import logging
 import os
-import re
 import shutil
-from collections.abc import Callable, Mapping
+import signal
+import sys
+import threading
+import warnings
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -40,7 +46,18 @@ from torch.utils.data import DataLoader, Dataset
 from hlss.atomic import publish_dir, temp_dir_beside
 from hlss.data.io import load_patch
 from hlss.data.table import PatchTable
+from hlss.devices import resolve_device
 from hlss.errors import ConfigError, DataError, HLSSError
+from hlss.eval.embed_cache import (
+    DEFAULT_PRECISION,
+    FORMAT_VERSION,
+    cache_key,
+    describe_transform,
+    file_sha256,
+    table_fingerprint,
+)
+from hlss.eval.embed_writer import FEATURES_NAME, EmbeddingWriter, PatchEmbedder, merge_parts
+from hlss.paths import cache_root
 
 __all__ = [
     "EmbeddingSet",
@@ -57,14 +74,19 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-FORMAT_VERSION = 1
-FEATURES_NAME = "features.npy"
 INDEX_NAME = "index.csv"
 MANIFEST_NAME = "manifest.json"
 INDEX_COLUMNS = ("row", "patient", "slide", "path", "label", "label_index", "split")
 MAX_LISTED_BAD = 1000  # bad files listed by name in the manifest (all are counted)
-_COPY_CHUNK = 65536  # rows per copy step when compacting features
 _STR_COLUMNS = {c: str for c in ("patient", "slide", "path", "label", "split")}
+# Lightning loggers whose INFO lines (GPU/TPU available, LOCAL_RANK ...) are muted while embedding
+_LIGHTNING_LOGGERS = (
+    "lightning.pytorch",
+    "lightning.fabric",
+    "lightning.pytorch.utilities.rank_zero",
+    "lightning.fabric.utilities.rank_zero",
+    "lightning.pytorch.accelerators.cuda",
+)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -195,31 +217,83 @@ def load_embedding_set(path: str) -> EmbeddingSet:
     return EmbeddingSet(features, index, tuple(manifest.get("classes", ())), manifest, path)
 
 
-def _resolve_device(device: str | torch.device | None) -> torch.device:
-    if device is None:
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
+# ----------------------------------------------------------------------------------------------
+# extraction
 
 
-def _embed(model: nn.Module, x: torch.Tensor, source: str) -> torch.Tensor:
-    embed = getattr(model, "embed", None)
-    if embed is not None:
-        return embed(x, source)
-    if source != "backbone":
-        raise ConfigError(f"embed source {source!r}: a model without .embed offers 'backbone'")
-    return model(x)
+@contextlib.contextmanager
+def _quiet_lightning() -> Iterator[None]:
+    """Mute Lightning's INFO chatter (GPU/TPU banner, tips) and its ``PossibleUserWarning`` (few
+    workers, GPU not used) inside the block only; warnings and errors of other kinds still show.
+
+    Also muted: torch's ``FutureWarning`` about ``LeafSpec``, which Lightning's own pytree helper
+    triggers (nothing a user can act on)."""
+    from lightning.pytorch.utilities.warnings import PossibleUserWarning
+
+    loggers = [logging.getLogger(name) for name in _LIGHTNING_LOGGERS]
+    levels = [lg.level for lg in loggers]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", PossibleUserWarning)
+        warnings.filterwarnings("ignore", r".*isinstance\(treespec, LeafSpec\)", FutureWarning)
+        try:
+            for lg in loggers:
+                if lg.getEffectiveLevel() < logging.WARNING:
+                    lg.setLevel(logging.WARNING)
+            yield
+        finally:
+            for lg, level in zip(loggers, levels, strict=True):
+                lg.setLevel(level)
 
 
-def _compact(path: str, count: int) -> None:
-    """Shrink the ``.npy`` at ``path`` to its first ``count`` rows, chunk by chunk."""
-    src = np.load(path, mmap_mode="r")
-    tmp = path + ".compact.npy"
-    dst = np.lib.format.open_memmap(tmp, mode="w+", dtype=src.dtype, shape=(count, src.shape[1]))
-    for start in range(0, count, _COPY_CHUNK):
-        dst[start : start + _COPY_CHUNK] = src[start : min(count, start + _COPY_CHUNK)]
-    dst.flush()
-    del dst, src
-    os.replace(tmp, path)
+def _trainer(
+    device: str | torch.device | None,
+    devices: int | str | list[int],
+    precision: str,
+    strategy: str,
+    progress_bar: bool | None,
+    writer: EmbeddingWriter,
+):
+    """A predict-only ``Trainer``: ``device`` -> accelerator (``"cuda:1"`` -> ``devices=[1]``)."""
+    from lightning.fabric.utilities.exceptions import MisconfigurationException
+    from lightning.pytorch import Trainer
+
+    try:
+        dev = resolve_device(device)
+        if dev.type == "cuda" and dev.index is not None:
+            devices = [dev.index]
+        return Trainer(
+            accelerator=dev.type,
+            devices=devices,
+            strategy=strategy,
+            precision=precision,
+            logger=False,
+            enable_checkpointing=False,
+            enable_model_summary=False,
+            enable_progress_bar=sys.stderr.isatty() if progress_bar is None else progress_bar,
+            callbacks=[writer],
+            inference_mode=True,
+        )
+    except (MisconfigurationException, RuntimeError, ValueError, TypeError) as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise ConfigError(
+            f"embed device={device!r} devices={devices!r} precision={precision!r}: {first}"
+        ) from None
+
+
+def _predict(trainer, module: PatchEmbedder, loader: DataLoader, writer: EmbeddingWriter) -> None:
+    """``trainer.predict`` that lets a Ctrl+C surface as ``KeyboardInterrupt`` (Lightning turns
+    it into ``SystemExit(1)`` and ignores SIGINT from then on)."""
+    main = threading.current_thread() is threading.main_thread()
+    handler = signal.getsignal(signal.SIGINT) if main else None
+    try:
+        trainer.predict(module, dataloaders=loader, return_predictions=False)
+    except SystemExit:
+        if isinstance(writer.failure, KeyboardInterrupt):
+            raise KeyboardInterrupt from None
+        raise
+    finally:
+        if main and handler is not None:
+            signal.signal(signal.SIGINT, handler)
 
 
 def embed_table(
@@ -234,14 +308,18 @@ def embed_table(
     *,
     checkpoint: str | None = None,
     extra: Mapping[str, Any] | None = None,
+    devices: int | str | list[int] = 1,
+    precision: str = DEFAULT_PRECISION,
+    strategy: str = "auto",
+    progress_bar: bool | None = None,
 ) -> EmbeddingSet:
     """Embed every readable patch of ``table`` into a new embedding set folder ``out_dir``.
 
-    The model runs in eval mode under :func:`torch.inference_mode` on ``device`` (``None`` ->
-    CUDA when available, else CPU); it is moved there in place and its train/eval mode is
-    restored afterwards. Each batch ``[B, 3, H, W]`` gives ``model.embed(x, source)`` ``[B, d]``
-    (a model without ``embed`` is called directly, ``source="backbone"`` only), stored as
-    float16 in ``features.npy`` in table order.
+    Runs ``Trainer.predict`` with the model in eval mode under :func:`torch.inference_mode`:
+    each batch ``[B, 3, H, W]`` gives ``model.embed(x, source)`` ``[B, d]`` (a model without
+    ``embed`` is called directly, ``source="backbone"`` only), stored as float16 in
+    ``features.npy`` in table order. The model's device and train/eval mode are restored
+    afterwards.
 
     Args:
         model: e.g. a :class:`~hlss.models.dual_encoder.DualEncoder`.
@@ -251,9 +329,13 @@ def embed_table(
         source: ``"backbone"``, ``"text_space"``, ``"head"`` or a level name (see
             ``DualEncoder.embed``).
         batch_size, num_workers: data loading.
-        device: where the model runs.
+        device: where the model runs: ``None``/``"auto"`` -> CUDA when available, else CPU;
+            the device type is the Lightning accelerator (``"cuda:1"`` selects GPU 1).
         checkpoint: recorded in the manifest (the checkpoint the model came from).
         extra: further manifest fields (e.g. a cache key).
+        devices, strategy: Lightning's (e.g. ``devices=4`` embeds on four GPUs).
+        precision: Lightning's (e.g. ``"bf16-mixed"``); features are stored as float16 anyway.
+        progress_bar: ``None`` -> shown when stderr is a terminal.
 
     Returns:
         The written set (features memory-mapped from ``out_dir``).
@@ -261,9 +343,10 @@ def embed_table(
     Raises:
         HLSSError: ``table`` is empty, ``out_dir`` exists, no patch is readable, patches differ
             in size (set the transform's ``size``), the model output is not ``[B, d]``, or
-            ``source`` is not offered by the model (``ConfigError``). Anything the model raises
-            propagates. On any error the temporary folder is removed and ``out_dir`` is not
-            created.
+            ``source`` is not offered by the model or the device settings are invalid
+            (``ConfigError``). Anything the model raises propagates; a Ctrl+C is a
+            ``KeyboardInterrupt``. On any error the temporary folder is removed and ``out_dir``
+            is not created.
     """
     n = len(table)
     if n == 0:
@@ -273,70 +356,38 @@ def embed_table(
     target = os.path.abspath(os.path.expanduser(str(out_dir)))
     if os.path.exists(target):
         raise HLSSError(f"{target}: already exists; embeddings are never written over it")
-    os.makedirs(os.path.dirname(target), exist_ok=True)
-    dev = _resolve_device(device)
-    tmp = temp_dir_beside(target)
-    features_path = os.path.join(tmp, FEATURES_NAME)
     frame = table.frame
+    module = PatchEmbedder(model, source, frame["path"].astype(str).tolist())
+    tmp = temp_dir_beside(target)
+    writer = EmbeddingWriter(tmp, n)
     was_training = model.training
+    param = next(iter(model.parameters()), None)
+    home = param.device if param is not None else None
     try:
-        model.to(dev)
-        model.eval()
-        loader = DataLoader(
-            PatchDataset(table, transform),
-            batch_size=int(batch_size),
-            shuffle=False,
-            num_workers=int(num_workers),
-            collate_fn=collate_patches,
-            pin_memory=dev.type == "cuda",
-        )
-        feats = None
-        pos = 0
-        kept: list[np.ndarray] = []
-        bad: list[tuple[int, str]] = []
-        nonfinite = 0
-        with torch.inference_mode():
-            for batch in loader:
-                bad.extend(batch["bad"])
-                if batch["error"]:
-                    first = int(batch["rows"][0])
-                    raise HLSSError(
-                        f"{frame['path'].iat[first]}: {batch['error']}; set the base "
-                        "transform's size (dataset.transform.size) to crop them to one size"
-                    )
-                if batch["images"] is None:
-                    continue
-                x = batch["images"].to(dev, non_blocking=True)
-                out = _embed(model, x, source)
-                if not isinstance(out, torch.Tensor) or out.ndim != 2 or out.shape[0] != len(x):
-                    shape = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out)
-                    raise HLSSError(
-                        f"embed source {source!r}: expected [batch, dim] embeddings, got {shape}"
-                    )
-                half = out.detach().to(torch.float16).cpu().numpy()
-                if feats is None:
-                    feats = np.lib.format.open_memmap(
-                        features_path, mode="w+", dtype=np.float16, shape=(n, half.shape[1])
-                    )
-                nonfinite += int((~np.isfinite(half).all(axis=1)).sum())
-                feats[pos : pos + len(half)] = half
-                pos += len(half)
-                kept.append(batch["rows"].numpy())
-        if feats is None:
-            first = f"; first: {bad[0][1]}" if bad else ""
-            raise HLSSError(f"{table.name}: none of its {n} patches could be read{first}")
-        dim = int(feats.shape[1])
-        feats.flush()
-        del feats
-        if pos < n:
-            _compact(features_path, pos)
-
-        rows = np.concatenate(kept)
+        with _quiet_lightning():
+            trainer = _trainer(device, devices, precision, strategy, progress_bar, writer)
+            loader = DataLoader(
+                PatchDataset(table, transform),
+                batch_size=int(batch_size),
+                shuffle=False,
+                num_workers=int(num_workers),
+                collate_fn=collate_patches,
+                pin_memory=trainer.strategy.root_device.type == "cuda",
+            )
+            _predict(trainer, module, loader, writer)
+        if writer.folder != tmp:  # a rank > 0 of a multi-process run wrote into rank 0's folder
+            shutil.rmtree(tmp, ignore_errors=True)
+            trainer.strategy.barrier("embeddings published")
+            return load_embedding_set(target)
+        parts = merge_parts(tmp)
+        bad, rows = parts["bad"], parts["rows"]
+        if parts["dim"] is None:
+            first_bad = f"; first: {bad[0][1]}" if bad else ""
+            raise HLSSError(f"{table.name}: none of its {n} patches could be read{first_bad}")
         index = frame.iloc[rows][["patient", "slide", "path", "label", "split"]].copy()
         index.insert(0, "row", rows)
         index.insert(5, "label_index", table.label_index[rows])
         index.to_csv(os.path.join(tmp, INDEX_NAME), index=False)
-
         if bad:
             log.warning(
                 "%s: skipped %d unreadable patch(es) of %d; first: %s",
@@ -345,13 +396,15 @@ def embed_table(
                 n,
                 bad[0][1],
             )
-        if nonfinite:
-            log.warning("%s: %d embedding(s) are not finite in float16", table.name, nonfinite)
+        if parts["nonfinite"]:
+            log.warning(
+                "%s: %d embedding(s) are not finite in float16", table.name, parts["nonfinite"]
+            )
         manifest = {
             "format_version": FORMAT_VERSION,
             "source": source,
-            "dim": dim,
-            "count": int(pos),
+            "dim": parts["dim"],
+            "count": len(rows),
             "dtype": "float16",
             "classes": list(table.classes),
             "checkpoint": checkpoint,
@@ -359,15 +412,17 @@ def embed_table(
             "table": table.name,
             "table_rows": n,
             "modality": table.modality,
-            "transform": _describe(transform),
+            "transform": describe_transform(transform),
             "model": type(model).__name__,
-            "device": str(dev),
+            "device": str(trainer.strategy.root_device),
+            "devices": trainer.num_devices,
+            "precision": str(trainer.precision),
             "bad_count": len(bad),
             "bad_files": [
                 {"row": int(r), "path": str(frame["path"].iat[int(r)]), "problem": p}
                 for r, p in bad[:MAX_LISTED_BAD]
             ],
-            "nonfinite_rows": nonfinite,
+            "nonfinite_rows": parts["nonfinite"],
             **dict(extra or {}),
         }
         with open(os.path.join(tmp, MANIFEST_NAME), "w", encoding="utf-8") as handle:
@@ -380,6 +435,9 @@ def embed_table(
         raise
     finally:
         model.train(was_training)
+        if home is not None:
+            model.to(home)
+    trainer.strategy.barrier("embeddings published")
     return load_embedding_set(target)
 
 
@@ -388,120 +446,8 @@ def embed_table(
 
 
 def default_cache_root() -> str:
-    """``$HLSS_CACHE`` if set, else ``~/.cache/hlss`` (read at call time)."""
-    return os.path.expanduser(os.environ.get("HLSS_CACHE") or os.path.join("~", ".cache", "hlss"))
-
-
-_DIGESTS: dict[tuple[str, int, int], str] = {}
-
-
-def file_sha256(path: str, chunk: int = 1 << 22) -> str:
-    """SHA-256 of a file's content, read in chunks.
-
-    Remembered per process by ``(path, size, mtime)``, so evaluating train and val splits of one
-    checkpoint reads it once; a rewritten file (new size or mtime) is hashed again.
-
-    Raises:
-        HLSSError: the file does not exist.
-    """
-    path = os.path.abspath(os.path.expanduser(str(path)))
-    try:
-        st = os.stat(path)
-    except OSError:
-        raise HLSSError(f"{path}: checkpoint not found") from None
-    memo = (path, st.st_size, st.st_mtime_ns)
-    if memo not in _DIGESTS:
-        digest = hashlib.sha256()
-        with open(path, "rb") as handle:
-            while block := handle.read(chunk):
-                digest.update(block)
-        _DIGESTS[memo] = digest.hexdigest()
-    return _DIGESTS[memo]
-
-
-def table_fingerprint(table: PatchTable) -> str:
-    """SHA-256 of what an embedding set's rows depend on: the classes, the modality and the
-    ``patient, slide, path, label`` columns in order (patient and slide are stored in the index,
-    so a table that regroups the same files gets a fresh set)."""
-    frame = table.frame
-    digest = hashlib.sha256()
-    digest.update(json.dumps([list(table.classes), table.modality]).encode("utf-8"))
-    for col in ("patient", "slide", "path", "label"):
-        joined = frame[col].astype(str).str.cat(sep="\n")
-        digest.update(f"\x00{col}\x00{len(frame)}\x00".encode())
-        digest.update(joined.encode("utf-8"))
-    return digest.hexdigest()
-
-
-def _describe(transform: Any) -> str:
-    """``repr`` without memory addresses (a default ``repr`` would defeat the cache)."""
-    return re.sub(r" at 0x[0-9a-fA-F]+", "", repr(transform))
-
-
-_MODEL_KEYS = ("backbone", "text_encoder", "model", "attributes")
-
-
-def _untrained_identity(cfg: Any) -> dict:
-    """What the initial weights of the model of a training config depend on."""
-    from omegaconf import Container, DictConfig, OmegaConf
-
-    if not isinstance(cfg, DictConfig):
-        cfg = OmegaConf.create(dict(cfg))
-    node = {}
-    for k in _MODEL_KEYS:
-        v = cfg.get(k)
-        node[k] = OmegaConf.to_container(v, resolve=True) if isinstance(v, Container) else v
-    if isinstance(node.get("attributes"), dict):
-        node["attributes"].pop("cache_dir", None)  # where text embeddings are cached, not what
-    loss = cfg.get("loss")
-    node["loss_head"] = loss.get("head") if loss is not None else None
-    text = json.dumps(node, sort_keys=True, default=str)
-    return {
-        "untrained": True,
-        "config_sha256": hashlib.sha256(text.encode("utf-8")).hexdigest(),
-        "seed": int(cfg.get("seed", 0) or 0),
-    }
-
-
-def cache_key(
-    ckpt_path: str | None,
-    table: PatchTable,
-    transform: Any,
-    split: str | None,
-    source: str,
-    cfg: Any = None,
-) -> tuple[str, dict]:
-    """The cache key of an embedding set and the parts it is made of.
-
-    The model is identified by the SHA-256 of the checkpoint file's content (so a copied or
-    moved checkpoint still hits, and an overwritten ``last.ckpt`` does not), or, without a
-    checkpoint, by ``"untrained"`` + a hash of the model-defining config nodes (``backbone,
-    text_encoder, model, attributes, loss.head``) + ``seed``. Also keyed: ``source``, ``split``,
-    :func:`table_fingerprint` and the transform's ``repr``, modality and size.
-
-    Raises:
-        HLSSError: no checkpoint and no ``cfg``; a missing checkpoint file.
-    """
-    if ckpt_path is not None:
-        model_id: dict = {"checkpoint_sha256": file_sha256(ckpt_path)}
-    elif cfg is not None:
-        model_id = _untrained_identity(cfg)
-    else:
-        raise HLSSError("embedding cache: an untrained model needs its config (cfg=) as key")
-    parts = {
-        "format_version": FORMAT_VERSION,
-        "model": model_id,
-        "source": source,
-        "split": split,
-        "table": table_fingerprint(table),
-        "transform": {
-            "repr": _describe(transform),
-            "modality": getattr(transform, "modality", table.modality),
-            "size": getattr(transform, "size", None),
-        },
-    }
-    text = json.dumps(parts, sort_keys=True, default=str)
-    return hashlib.sha256(text.encode("utf-8")).hexdigest()[:32], parts
+    """The cache root, :func:`hlss.paths.cache_root` (``$HLSS_CACHE`` or ``~/.cache/hlss``)."""
+    return cache_root()
 
 
 def cached_embeddings(
@@ -527,10 +473,12 @@ def cached_embeddings(
         transform: the base transform.
         split: ``"train"``, ``"val"`` or ``None``.
         source: embedding source, see :func:`embed_table`.
-        cache_dir: cache root; ``None`` -> :func:`default_cache_root`. Sets live in
+        cache_dir: cache root; ``None`` -> :func:`hlss.paths.cache_root`. Sets live in
             ``<cache_dir>/embeddings/<key>/`` (see :func:`cache_key`).
         cfg: the training config (keys the untrained model).
-        **kw: ``batch_size``, ``num_workers``, ``device`` for :func:`embed_table`.
+        **kw: ``batch_size``, ``num_workers``, ``device``, ``devices``, ``precision``,
+            ``strategy``, ``progress_bar`` for :func:`embed_table` (``precision`` other than
+            ``"32-true"`` is part of the key).
 
     Returns:
         The set (its ``manifest["cache_key"]`` is the folder name).
@@ -540,8 +488,9 @@ def cached_embeddings(
             module.
     """
     part = table.subset(split) if split is not None else table
-    key, parts = cache_key(ckpt_path, part, transform, split, source, cfg=cfg)
-    root = os.path.abspath(os.path.expanduser(str(cache_dir or default_cache_root())))
+    precision = kw.get("precision", DEFAULT_PRECISION)
+    key, parts = cache_key(ckpt_path, part, transform, split, source, cfg=cfg, precision=precision)
+    root = os.path.abspath(os.path.expanduser(str(cache_dir or cache_root())))
     target = os.path.join(root, "embeddings", key)
     if os.path.exists(target):
         try:

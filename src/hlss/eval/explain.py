@@ -29,8 +29,8 @@ import torch.nn.functional as F
 
 from hlss.atomic import atomic_file
 from hlss.errors import HLSSError
-from hlss.eval.zero_shot import _check_2d, _rows_f32
-from hlss.models.attributes import LEVELS
+from hlss.eval.arrays import check_2d, rows_f32
+from hlss.levels import LEVELS
 
 COLUMNS = ("level", "patient", "slide", "path", "rank", "attribute", "score")
 """Columns of the table returned by :func:`explain_levels`."""
@@ -70,8 +70,8 @@ def top_attributes(
         raise ValueError(f"top_attributes: k must be >= 1, got {k}")
     if int(chunk_size) < 1:
         raise ValueError(f"top_attributes: chunk_size must be >= 1, got {chunk_size}")
-    n, d = _check_2d(embeddings, "top_attributes embeddings")
-    a, d_bank = _check_2d(bank_text, "top_attributes bank_text")
+    n, d = check_2d(embeddings, "top_attributes embeddings")
+    a, d_bank = check_2d(bank_text, "top_attributes bank_text")
     if len(names) != a:
         raise HLSSError(
             f"attribute bank has {len(names)} names but {a} text embeddings; "
@@ -83,15 +83,13 @@ def top_attributes(
             "use the text encoder the model was trained with"
         )
     kk = min(int(k), a)
-    bank = F.normalize(_rows_f32(bank_text), dim=-1)
+    bank = F.normalize(rows_f32(bank_text), dim=-1)
     idx = np.empty((n, kk), dtype=np.int64)
     scores = np.empty((n, kk), dtype=np.float32)
     step = int(chunk_size)
     with torch.no_grad():
         for start in range(0, n, step):
-            sims = (
-                F.normalize(_rows_f32(embeddings, start, start + step), dim=-1) @ bank.T
-            ).numpy()
+            sims = (F.normalize(rows_f32(embeddings, start, start + step), dim=-1) @ bank.T).numpy()
             order = np.argsort(-sims, axis=1, kind="stable")[:, :kk]
             idx[start : start + step] = order
             scores[start : start + step] = np.take_along_axis(sims, order, axis=1)
@@ -104,11 +102,11 @@ def _group_means(text_space, codes: np.ndarray, groups: int, chunk_size: int) ->
     Accumulated chunk by chunk with ``index_add_`` (vectorised, float32), so a float16 array is
     never converted whole.
     """
-    _, d = _check_2d(text_space, "text_space")
+    _, d = check_2d(text_space, "text_space")
     sums = torch.zeros(groups, d, dtype=torch.float32)
     codes_t = torch.from_numpy(np.array(codes, dtype=np.int64, copy=True))
     for start in range(0, len(codes), chunk_size):
-        rows = F.normalize(_rows_f32(text_space, start, start + chunk_size), dim=-1)
+        rows = F.normalize(rows_f32(text_space, start, start + chunk_size), dim=-1)
         sums.index_add_(0, codes_t[start : start + chunk_size], rows)
     # the mean of unit vectors, renormalised, equals the renormalised sum
     return F.normalize(sums, dim=-1)
@@ -185,7 +183,7 @@ def explain_levels(
             missing; an unknown level; a level of ``banks`` without text embeddings; a bank whose
             size or width does not match its text embeddings.
     """
-    m, _ = _check_2d(text_space, "explain_levels text_space")
+    m, _ = check_2d(text_space, "explain_levels text_space")
     if len(index) != m:
         raise HLSSError(f"explain: index has {len(index)} rows but there are {m} embeddings")
     if int(k) < 1:

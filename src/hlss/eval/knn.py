@@ -31,6 +31,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from hlss.devices import resolve_device
 from hlss.errors import ConfigError, HLSSError
 
 BACKENDS = ("auto", "faiss_gpu", "faiss", "torch")
@@ -146,19 +147,18 @@ def _to_numpy(x: np.ndarray | torch.Tensor) -> np.ndarray:
 
 
 def _torch_device(device: Any) -> torch.device:
-    if device is None:
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    """An int is a CUDA index; anything else goes to :func:`hlss.devices.resolve_device`."""
     if isinstance(device, int):
         return torch.device("cuda", device)
-    return torch.device(device)
+    return resolve_device(device)
 
 
 def _gpu_id(device: Any) -> int:
-    if device is None:
+    if device is None or device == "auto":
         return 0
     if isinstance(device, int):
         return device
-    dev = torch.device(device)
+    dev = resolve_device(device)
     if dev.type != "cuda":
         raise ConfigError(f"knn backend 'faiss_gpu' needs a CUDA device, got {device!r}")
     return dev.index or 0
@@ -213,8 +213,9 @@ class KNNIndex:
             needed by :meth:`scores`.
         num_classes: number of classes ``C``; needed with ``labels``.
         backend: one of :data:`BACKENDS`.
-        device: torch device for ``"torch"`` (default CUDA when available, else CPU), or the GPU
-            (int or ``"cuda:N"``) for ``"faiss_gpu"`` (default 0); ignored by ``"faiss"``.
+        device: torch device for ``"torch"`` (``None``/``"auto"``: CUDA when available, else
+            CPU), or the GPU (int or ``"cuda:N"``) for ``"faiss_gpu"`` (default 0); ignored by
+            ``"faiss"``.
 
     Raises:
         ConfigError: unknown/unavailable backend.

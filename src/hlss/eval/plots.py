@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-_LEVEL_ORDER = ("patch", "slide", "patient")
+from hlss.levels import LEVELS
 
 
 def _new_figure(width: float, height: float) -> Any:
@@ -139,7 +139,7 @@ def plot_accuracy_curve(
             raise ValueError(f"row {i} has no 'step' key")
     if metrics is None:
         found = sorted({key for row in rows for key in row if key.endswith("_acc")})
-        ranked = [f"{level}_acc" for level in _LEVEL_ORDER if f"{level}_acc" in found]
+        ranked = [f"{level}_acc" for level in LEVELS if f"{level}_acc" in found]
         metrics = ranked + [key for key in found if key not in ranked]
     if not metrics:
         raise ValueError("plot_accuracy_curve found no metric keys (ending in '_acc') to draw")

@@ -1,9 +1,12 @@
-"""Finding a training run's checkpoints and rebuilding the trained model from them.
+"""Restoring a trained model for evaluation: a run's checkpoints, its config, its weights.
 
 A training run folder (``outputs/<date>/<time>/``) holds ``config.yaml`` (the resolved training
-config) and ``checkpoints/{step-NNNNNNN,last}.ckpt``. Evaluation never needs the trainer: it
-rebuilds the :class:`~hlss.models.dual_encoder.DualEncoder` from the run config with
-:func:`hlss.train.build.build_model` and loads the ``model.``-prefixed weights of a checkpoint.
+config) and ``checkpoints/{step-NNNNNNN,last}.ckpt``; every checkpoint also carries the resolved
+config at ``checkpoint["hlss"]["config"]``, so a lone checkpoint copied anywhere is enough.
+Evaluation never needs the trainer: it rebuilds the :class:`~hlss.models.dual_encoder.DualEncoder`
+from the run config with :func:`hlss.config.build_model` and loads the ``model.``-prefixed
+weights of a checkpoint. (Not to be confused with :mod:`hlss.checkpoints`: writing and loading
+checkpoint files.)
 """
 
 from __future__ import annotations
@@ -19,10 +22,12 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
+from hlss.checkpoints import load_checkpoint_file
 from hlss.errors import HLSSError
 
 __all__ = [
     "CONFIG_NAME",
+    "checkpoint_info",
     "list_checkpoints",
     "load_trained_model",
     "run_config_for",
@@ -42,8 +47,6 @@ def _is_last(name: str) -> bool:
 
 def _step_of(path: str) -> int:
     """Training step of a checkpoint: from a ``step-NNNNNNN`` name, else its ``global_step``."""
-    from hlss.train.checkpoint import load_checkpoint_file
-
     match = _STEP_NAME.search(os.path.basename(path))
     if match:
         return int(match.group(1))
@@ -94,15 +97,44 @@ def list_checkpoints(ckpt: str) -> list[str]:
     raise HLSSError(f"{ckpt}: no checkpoint (*.ckpt) found in {folder}")
 
 
-def run_config_for(ckpt_path: str) -> DictConfig:
-    """The training config of the run a checkpoint belongs to.
+def checkpoint_info(path: str) -> dict:
+    """Step, epoch and MLflow run id of a checkpoint (without building the model).
 
-    Looks for ``config.yaml`` two levels up (``<run>/checkpoints/x.ckpt`` -> ``<run>``), then in
-    the checkpoint's own folder; a run folder given directly is searched itself.
+    Returns:
+        ``{"checkpoint": absolute path, "step", "epoch", "mlflow_run_id"}`` (``None`` when the
+        run was not tracked).
 
     Raises:
-        HLSSError: no ``config.yaml`` there, or it is not a readable YAML mapping.
+        HLSSError: the checkpoint is missing or unreadable.
     """
+    state = load_checkpoint_file(path)
+    extra = state.get("hlss") or {}
+    return {
+        "checkpoint": os.path.abspath(path),
+        "step": int(state.get("global_step", 0) or 0),
+        "epoch": int(state.get("epoch", 0) or 0),
+        "mlflow_run_id": extra.get("mlflow_run_id"),
+    }
+
+
+def _stored_config(state: Any, path: str) -> DictConfig | None:
+    """The resolved run config a checkpoint carries at ``state["hlss"]["config"]``, if any.
+
+    Raises:
+        HLSSError: the stored config is not a mapping.
+    """
+    extra = state.get("hlss") if isinstance(state, Mapping) else None
+    stored = extra.get("config") if isinstance(extra, Mapping) else None
+    if stored is None:
+        return None
+    if not isinstance(stored, Mapping):
+        raise HLSSError(f"{path}: the run config stored in the checkpoint is not a mapping")
+    return OmegaConf.create(dict(stored))
+
+
+def _config_file_for(ckpt_path: str) -> DictConfig:
+    """The run's ``config.yaml``: two levels up (``<run>/checkpoints/x.ckpt`` -> ``<run>``),
+    then beside the checkpoint; a run folder given directly is searched itself."""
     path = os.path.abspath(os.path.expanduser(str(ckpt_path)))
     if os.path.isdir(path):
         candidates = [os.path.join(path, CONFIG_NAME)]
@@ -123,9 +155,34 @@ def run_config_for(ckpt_path: str) -> DictConfig:
                 raise HLSSError(f"{candidate}: run config is not a mapping")
             return cfg
     raise HLSSError(
-        f"{ckpt_path}: no {CONFIG_NAME} of its training run found (looked in "
-        f"{', '.join(os.path.dirname(c) for c in candidates)}); pass the run config explicitly"
+        f"{ckpt_path}: the checkpoint carries no run config and no {CONFIG_NAME} of its training "
+        f"run was found (looked in {', '.join(os.path.dirname(c) for c in candidates)})"
     )
+
+
+def run_config_for(ckpt_path: str, state: Mapping | None = None) -> DictConfig:
+    """The training config of the run a checkpoint belongs to.
+
+    A checkpoint file's own resolved config (``checkpoint["hlss"]["config"]``) comes first; only
+    older checkpoints without one fall back to the run's ``config.yaml`` (two levels up, then
+    beside the checkpoint). A run folder given directly is searched for ``config.yaml`` only.
+
+    Args:
+        ckpt_path: a checkpoint file or a run folder.
+        state: the already loaded checkpoint of ``ckpt_path`` (saves loading it again).
+
+    Raises:
+        HLSSError: the checkpoint is unreadable; its stored config is not a mapping; it has none
+            and no readable ``config.yaml`` mapping is found.
+    """
+    path = os.path.abspath(os.path.expanduser(str(ckpt_path)))
+    if not os.path.isdir(path):
+        if state is None:
+            state = load_checkpoint_file(path)
+        stored = _stored_config(state, path)
+        if stored is not None:
+            return stored
+    return _config_file_for(ckpt_path)
 
 
 def _config_for_loading(cfg: DictConfig) -> DictConfig:
@@ -133,20 +190,24 @@ def _config_for_loading(cfg: DictConfig) -> DictConfig:
 
     The checkpoint overwrites every backbone weight, so fetching hub weights (network) or reading
     a local pretrained file (which may have moved since training) would only cost time or fail.
-    An open_clip backbone keeps its ``pretrained`` value: it names the joint space, which decides
-    whether the model has a projection layer.
+    The backbone node is looked for at ``cfg.backbone`` and, in resolved run configs, at
+    ``cfg.model.backbone`` (both are changed when both exist). An open_clip backbone keeps its
+    ``pretrained`` value: it names the joint space, which decides whether the model has a
+    projection layer.
     """
     from hlss.models.backbones import TIMM_MODELS
 
     cfg = cfg.copy()
-    backbone = cfg.get("backbone")
-    if (
-        isinstance(backbone, DictConfig)
-        and str(backbone.get("_target_", "")).endswith("build_backbone")
-        and backbone.get("name") in TIMM_MODELS
-        and "pretrained" in backbone
-    ):
-        backbone.pretrained = False
+    model = cfg.get("model")
+    nodes = [cfg.get("backbone"), model.get("backbone") if isinstance(model, DictConfig) else None]
+    for backbone in nodes:
+        if (
+            isinstance(backbone, DictConfig)
+            and str(backbone.get("_target_", "")).endswith("build_backbone")
+            and backbone.get("name") in TIMM_MODELS
+            and "pretrained" in backbone
+        ):
+            backbone.pretrained = False
     return cfg
 
 
@@ -196,7 +257,8 @@ def load_trained_model(
 
     Args:
         ckpt_path: a checkpoint file written by ``hlss-train``.
-        cfg: the training config; ``None`` -> :func:`run_config_for` ``(ckpt_path)``.
+        cfg: the training config; ``None`` -> the one the checkpoint carries (or, for older
+            checkpoints, its run's ``config.yaml``: see :func:`run_config_for`).
         map_location: where the checkpoint tensors are loaded (the model stays on the CPU
             unless this is a device; move it yourself for inference).
 
@@ -211,8 +273,7 @@ def load_trained_model(
             checkpoint's ``model.*`` weights do not match the rebuilt model (names the checkpoint
             and a few keys).
     """
-    from hlss.train.build import build_model
-    from hlss.train.checkpoint import load_checkpoint_file
+    from hlss.config import build_model
 
     path = os.path.abspath(os.path.expanduser(str(ckpt_path)))
     state = load_checkpoint_file(path, map_location=map_location)
@@ -220,8 +281,8 @@ def load_trained_model(
     if not isinstance(state_dict, Mapping):
         raise HLSSError(f"{path}: not a training checkpoint (no state_dict)")
     if cfg is None:
-        cfg = run_config_for(path)
-    model, _ = build_model(_config_for_loading(cfg))
+        cfg = run_config_for(path, state)
+    model = build_model(_config_for_loading(cfg))
     if not isinstance(map_location, str) or map_location != "cpu":
         model = model.to(map_location)
     _load_model_weights(model, state_dict, path)
@@ -248,9 +309,9 @@ def untrained_model(cfg: DictConfig) -> nn.Module:
     afterwards. Returned in eval mode on the CPU.
 
     Raises:
-        HLSSError: any problem building the model from the config (see ``build_model``).
+        HLSSError: any problem building the model from the config (see :func:`hlss.config.build_model`).
     """
-    from hlss.train.build import build_model
+    from hlss.config import build_model
 
     seed = int(cfg.get("seed", 0) or 0)
     py_state, np_state = random.getstate(), np.random.get_state()
@@ -259,7 +320,7 @@ def untrained_model(cfg: DictConfig) -> nn.Module:
             random.seed(seed)
             np.random.seed(seed)
             torch.default_generator.manual_seed(seed)  # CPU only: the model is built there
-            model, _ = build_model(cfg)
+            model = build_model(cfg)
     finally:
         random.setstate(py_state)
         np.random.set_state(np_state)
