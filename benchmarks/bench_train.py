@@ -5,7 +5,7 @@
 * the cost of the HLSS parts: a full HLSS forward+backward of a fixed batch against a
   backbone-only forward+backward of the same images.
 
-Usage: python benchmarks/bench_train.py [--steps 10] [override ...]   (Hydra overrides, e.g. data.patients=16)
+Usage: python benchmarks/bench_train.py [--steps 10] [override ...]   (Hydra overrides, e.g. loader.patients=16)
 """
 
 from __future__ import annotations
@@ -18,8 +18,9 @@ import time
 import torch
 from hydra import compose, initialize_config_module
 
-from hlss.cli.train import register_resolvers
-from hlss.train.build import build_datamodule, build_model, build_objective
+from hlss.config import build_datamodule, build_model, build_objective, register_resolvers
+from hlss.devices import resolve_device
+from hlss.schemas import register_schemas
 from hlss.train.module import hierarchy_ids
 
 
@@ -42,15 +43,17 @@ def main() -> None:
     parser.add_argument("overrides", nargs="*")
     args = parser.parse_args()
     register_resolvers()
+    register_schemas()
+    root = tempfile.mkdtemp(prefix="hlss-bench-")
     with initialize_config_module("hlss.conf", version_base="1.3"):
         cfg = compose(
             "train",
-            overrides=[f"paths.root={tempfile.mkdtemp(prefix='hlss-bench-')}", *args.overrides],
+            overrides=[f"paths.root={root}", f"paths.output_dir={root}/run", *args.overrides],
         )
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = resolve_device()
     datamodule = build_datamodule(cfg)
     datamodule.setup("fit")
-    model, _ = build_model(cfg)
+    model = build_model(cfg)
     objective = build_objective(cfg)
     model.to(device).train()
     params = [p for p in model.parameters() if p.requires_grad]
@@ -113,7 +116,7 @@ def main() -> None:
                 "batch": [int(v) for v in batch["image"].shape[:4]],
                 "image_size": list(batch["image"].shape[-2:]),
                 "images_per_step": images_per_step,
-                "num_workers": int(cfg.data.num_workers),
+                "num_workers": int(cfg.loader.num_workers),
                 "seconds_per_step": round(step_s, 3),
                 "images_per_second": round(images_per_step / step_s, 1),
                 "backbone_fwd_bwd_s": round(backbone_s, 4),

@@ -158,7 +158,7 @@ def test_large_user_bank_builds_heads(tmp_path):
 def test_build_dual_encoder_from_packaged_banks(tmp_path):
     enc = TinyTextEncoder(dim=32)
     model = build_dual_encoder(
-        TinyBackbone(), enc, cache_dir=str(tmp_path), bank_sizes={"patch": 6}
+        TinyBackbone(), enc, text_cache_dir=str(tmp_path), bank_sizes={"patch": 6}
     )
     assert model.num_attributes == {
         "patch": 6,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import math
 import os
 import subprocess
 import sys
@@ -12,10 +13,10 @@ import pytest
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 
+from hlss.checkpoints import AtomicCheckpointIO, find_checkpoint, load_checkpoint_file
 from hlss.errors import ConfigError, HLSSError
-from hlss.train.checkpoint import AtomicCheckpointIO, find_checkpoint, load_checkpoint_file
 from hlss.train.module import HLSSModule, NonFiniteLossError, hierarchy_ids
-from hlss.train.optim import adamw_warmup_cosine, warmup_cosine_factor
+from hlss.train.optim import adamw_warmup_cosine
 from tests.train.helpers import TINY, read_batches, summaries
 
 
@@ -44,7 +45,15 @@ def test_hierarchy_ids_follow_flatten_order():
                     assert ids["patch"][i] == batch["patch"][p, s, n]
 
 
-def test_warmup_cosine_schedule():
+def warmup_cosine_factor(step: int, total: int, warmup: int, min_ratio: float = 0.0) -> float:
+    """The schedule's formula written out: linear warm-up to 1, then half a cosine to min_ratio."""
+    if warmup > 0 and step < warmup:
+        return (step + 1) / warmup
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def test_warmup_cosine_formula():
     total, warm = 100, 10
     factors = [warmup_cosine_factor(s, total, warm) for s in range(total + 5)]
     assert factors[0] == pytest.approx(0.1) and factors[9] == pytest.approx(1.0)
@@ -55,15 +64,43 @@ def test_warmup_cosine_schedule():
         0.0, abs=1e-12
     )
     assert all(a >= b for a, b in itertools.pairwise(factors[10:]))
+
+
+@pytest.mark.parametrize(
+    ("total", "fraction", "min_ratio"),
+    [(20, 0.25, 0.0), (100, 0.1, 0.0), (37, 0.1, 0.2), (10, 0.0, 0.0), (10, 0.1, 0.0)],
+)
+def test_schedule_follows_formula(total, fraction, min_ratio):
+    lr = 0.5
     opt, sched = adamw_warmup_cosine(
-        [torch.nn.Parameter(torch.zeros(1))], total_steps=20, lr=0.5, warmup_fraction=0.25
+        [torch.nn.Parameter(torch.zeros(1))],
+        total_steps=total,
+        lr=lr,
+        warmup_fraction=fraction,
+        min_lr_ratio=min_ratio,
     )
-    lrs = []
-    for _ in range(20):
-        lrs.append(opt.param_groups[0]["lr"])
+    warm = round(fraction * total)
+    for step in range(total):
+        expected = lr * warmup_cosine_factor(step, total, warm, min_ratio)
+        assert opt.param_groups[0]["lr"] == pytest.approx(expected, rel=1e-6, abs=1e-9), step
         opt.step()
         sched.step()
-    assert lrs[0] == pytest.approx(0.5 / 5) and max(lrs) == pytest.approx(0.5)
+    assert opt.param_groups[0]["lr"] == pytest.approx(lr * min_ratio, abs=1e-9)
+
+
+def test_schedule_state_round_trips():
+    """The scheduler resumes from its state dict at the same learning rate (checkpoints)."""
+    params = [torch.nn.Parameter(torch.zeros(1))]
+    opt, sched = adamw_warmup_cosine(params, total_steps=30, lr=0.1, warmup_fraction=0.2)
+    for _ in range(9):
+        opt.step()
+        sched.step()
+    opt2, sched2 = adamw_warmup_cosine(params, total_steps=30, lr=0.1, warmup_fraction=0.2)
+    opt2.load_state_dict(opt.state_dict())
+    sched2.load_state_dict(sched.state_dict())
+    for _ in range(5):
+        opt.step(), sched.step(), opt2.step(), sched2.step()
+        assert opt2.param_groups[0]["lr"] == pytest.approx(opt.param_groups[0]["lr"])
 
 
 @pytest.mark.parametrize(
@@ -159,7 +196,7 @@ def test_find_checkpoint(tmp_path):
 
 def test_ddp_two_cpu_processes_see_distinct_patients(tmp_path):
     env = dict(os.environ, PYTHONWARNINGS="ignore")
-    args = [a for a in TINY if not a.startswith("data.patients")]
+    args = [a for a in TINY if not a.startswith("loader.patients")]
     proc = subprocess.run(
         [
             sys.executable,
@@ -168,11 +205,11 @@ def test_ddp_two_cpu_processes_see_distinct_patients(tmp_path):
             *args,
             "logger=none",
             "loss=attr3levels",
-            "data.patients=2",
+            "loader.patients=2",
             "trainer.accelerator=cpu",
             "trainer.devices=2",
             "trainer.strategy=ddp",
-            "record_batches=true",
+            "callbacks=[default,batch_record]",
         ],
         capture_output=True,
         text=True,

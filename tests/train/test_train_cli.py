@@ -11,7 +11,7 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from hlss.train.checkpoint import load_checkpoint_file
+from hlss.checkpoints import load_checkpoint_file
 from tests.train.helpers import TINY, read_batches, run_train, summaries
 
 NO_LOGGER = ["logger=none"]
@@ -46,7 +46,13 @@ def test_two_steps_each_loss(in_tmp, loss):
 
 
 def test_resume_continues_same_batches(in_tmp):
-    common = [*TINY, *NO_LOGGER, "loss=hvc3", "record_batches=true", "data.patients=3"]
+    common = [
+        *TINY,
+        *NO_LOGGER,
+        "loss=hvc3",
+        "callbacks=[default,batch_record]",
+        "loader.patients=3",
+    ]
     run_train(*common, "trainer.max_steps=4")
     (full,) = summaries(str(in_tmp / "outputs"))
     full_batches = read_batches(full["output_dir"])
@@ -102,6 +108,59 @@ def test_sweep_two_values(in_tmp):
     assert temps == [0.05, 0.1]
 
 
+def test_sweep_hierarchy_presets(in_tmp):
+    """`-m loss_levels=equal,no_patient` trains one run per preset, each with its weights."""
+    run_train("-m", *TINY, *NO_LOGGER, "trainer.max_steps=1", "loss_levels=equal,no_patient")
+    runs = summaries(str(in_tmp / "outputs" / "multirun"))
+    assert len(runs) == 2
+    by_weight = {
+        OmegaConf.load(os.path.join(r["output_dir"], "config.yaml")).loss.weights.patient: r
+        for r in runs
+    }
+    assert sorted(by_weight) == [0.0, 1.0]
+    # a level of weight 0 is not computed (reported as 0); with weight 1 the term is positive
+    assert by_weight[0.0]["metrics"]["train/align_patient"] == 0.0
+    assert by_weight[1.0]["metrics"]["train/align_patient"] > 0.0
+
+
+def test_lone_checkpoint_carries_resolved_config(in_tmp):
+    run_train(*TINY, *NO_LOGGER, "loss=hvc3", "loss.temperature=0.05")
+    (summary,) = summaries(str(in_tmp / "outputs"))
+    stored = load_checkpoint_file(summary["last_checkpoint"])["hlss"]["config"]
+    assert stored["loss"]["temperature"] == 0.05 and stored["loss"]["name"] == "hvc3"
+    assert stored["paths"]["output_dir"] == summary["output_dir"]
+    assert "${" not in repr(stored)  # resolved: no interpolation left
+
+
+@pytest.mark.parametrize(
+    ("override", "expected"),
+    [
+        ("loss.temperature=abc", "error: loss.temperature: expected a number, got 'abc'"),
+        ("trainer.max_steps=abc", "error: trainer.max_steps: expected an integer, got 'abc'"),
+        ("+loss.temprature=0.1", "error: loss.temprature: unknown key"),
+        ("seed=abc", "error: seed=abc: Value 'abc'"),
+        ("loss=nope", "error: In 'train': Could not find 'loss/nope'"),
+    ],
+)
+def test_console_script_refuses_bad_override_in_one_line(in_tmp, override, expected):
+    """As a user runs it: the console script, another directory, output not a terminal."""
+    exe = os.path.join(os.path.dirname(sys.executable), "hlss-train")
+    proc = subprocess.run([exe, override], capture_output=True, text=True, cwd=in_tmp, timeout=120)
+    assert proc.returncode == 2, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(expected), proc.stderr
+    assert not (in_tmp / "outputs").exists() or not any((in_tmp / "outputs").rglob("*.ckpt"))
+
+
+def test_help_describes_the_command(in_tmp):
+    exe = os.path.join(os.path.dirname(sys.executable), "hlss-train")
+    proc = subprocess.run([exe, "--help"], capture_output=True, text=True, cwd=in_tmp, timeout=120)
+    assert proc.returncode == 0
+    assert proc.stdout.startswith("hlss-train: train")
+    for group in ("loss_levels: equal", "callbacks: ", "model: hidisc, hlss"):
+        assert group in proc.stdout
+
+
 def test_mlflow_run_has_params_and_metrics(in_tmp):
     run_train(*TINY, "loss=attr3levels")
     (summary,) = summaries(str(in_tmp / "outputs"))
@@ -122,9 +181,12 @@ def test_mlflow_run_has_params_and_metrics(in_tmp):
         tags = dict(
             con.execute("select key, value from tags where run_uuid=?", (summary["mlflow_run_id"],))
         )
-    assert params["loss.temperature"] == "0.07" and params["loss.name"] == "attr3levels"
+    assert params["loss/temperature"] == "0.07" and params["loss/name"] == "attr3levels"
     assert {"train/loss", "train/hvc_patch", "train/align_patient", "lr-AdamW"} <= metrics
     assert "git_commit" in tags and tags["checkpoint_dir"].endswith("checkpoints")
+    # artifacts beside the store, never in ./mlruns of the working directory
+    assert not (in_tmp / "mlruns").exists()
+    assert (in_tmp / "outputs" / "mlartifacts").is_dir()
 
 
 def test_unknown_override_is_one_line(in_tmp):
@@ -177,7 +239,7 @@ def test_cfg_job_from_any_directory(in_tmp):
 def test_bad_config_is_one_line(in_tmp, capsys, args, expected):
     capsys.readouterr()
     with pytest.raises(SystemExit) as exc:
-        run_train("text_encoder=tiny", "data.num_workers=0", *NO_LOGGER, *args)
+        run_train("text_encoder=tiny", "loader.num_workers=0", *NO_LOGGER, *args)
     assert exc.value.code == 2
     err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error")]
     assert len(err) == 1 and err[0].startswith(expected)

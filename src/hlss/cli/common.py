@@ -1,70 +1,17 @@
-"""Shared plumbing of the console scripts: ``key=value`` arguments and one-line errors."""
+"""Shared plumbing of the console scripts: Hydra apps, their arguments and one-line errors."""
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import os
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 from hlss.errors import HLSSError
 
 EXIT_USER_ERROR = 2
-
-
-def _coerce(text: str, default: Any) -> Any:
-    """Convert ``text`` to the type of ``default`` (bool/int/float/str; None keeps str)."""
-    if isinstance(default, bool):
-        low = text.lower()
-        if low in ("1", "true", "yes", "on"):
-            return True
-        if low in ("0", "false", "no", "off"):
-            return False
-        raise HLSSError(f"expected true/false, got {text!r}")
-    if isinstance(default, int):
-        try:
-            return int(text)
-        except ValueError:
-            raise HLSSError(f"expected an integer, got {text!r}") from None
-    if isinstance(default, float):
-        try:
-            return float(text)
-        except ValueError:
-            raise HLSSError(f"expected a number, got {text!r}") from None
-    if text.lower() in ("null", "none") and default is None:
-        return None
-    return text
-
-
-def parse_key_values(argv: Sequence[str], defaults: dict[str, Any], prog: str) -> dict[str, Any]:
-    """Parse ``key=value`` arguments against ``defaults`` (which fixes the keys and types).
-
-    A default of ``...`` (Ellipsis) marks a required key. ``--help`` prints the keys and exits 0.
-
-    Raises:
-        HLSSError: an unknown key, a malformed argument, a bad value or a missing required key.
-    """
-    if any(a in ("-h", "--help") for a in argv):
-        print(
-            f"usage: {prog} "
-            + " ".join(f"{k}=..." if v is ... else f"[{k}={v}]" for k, v in defaults.items())
-        )
-        raise SystemExit(0)
-    values = {k: v for k, v in defaults.items()}
-    for arg in argv:
-        key, sep, text = arg.partition("=")
-        if not sep or not key:
-            raise HLSSError(f"argument {arg!r} is not of the form key=value")
-        if key not in defaults:
-            raise HLSSError(f"unknown key {key!r}; known keys: {', '.join(defaults)}")
-        try:
-            values[key] = _coerce(text, defaults[key])
-        except HLSSError as err:
-            raise HLSSError(f"{key}: {err}") from None
-    missing = [k for k, v in values.items() if v is ...]
-    if missing:
-        raise HLSSError(f"missing required argument(s): {', '.join(k + '=...' for k in missing)}")
-    return values
 
 
 def _last_line(err: Exception) -> str:
@@ -90,6 +37,75 @@ def report_errors(func: Callable, *args, **kwargs):
         raise SystemExit(EXIT_USER_ERROR) from None
 
 
+NOISE = (
+    "object_type=",
+    "reference_type=",
+    "full_key:",
+    "Set the environment variable",
+    "To append to your config use",
+)
+
+
+def one_line(err: BaseException) -> str:
+    """An exception's message (and its cause's, for Hydra's wrapped composition errors) on one
+    line: Hydra and OmegaConf spread theirs over several lines (option lists are joined with
+    commas, Hydra's config search path is left out)."""
+    parts = [str(err)]
+    cause = err.__cause__
+    if cause is not None and str(cause) and str(cause) not in parts[0]:
+        parts.append(str(cause))
+    pieces: list[str] = []
+    for part in parts:
+        listing = False
+        for line in part.splitlines():
+            line = line.strip()
+            if line.startswith("Config search path"):
+                break
+            if not line or line.startswith(NOISE):
+                continue
+            if listing:
+                pieces[-1] += (" " if pieces[-1].endswith(":") else ", ") + line
+                continue
+            pieces.append(line)
+            listing = line.endswith(":")
+    if not pieces:
+        return type(err).__name__
+    first = pieces[0]
+    if first.startswith("Error merging override ") and len(pieces) > 1:
+        # "Error merging override knn.k=abc; Value 'abc' ..." -> "knn.k=abc: Value 'abc' ..."
+        return first[len("Error merging override ") :] + ": " + "; ".join(pieces[1:])
+    return "; ".join(pieces)
+
+
+def run_hydra_command(app: Callable[[], Any]) -> None:
+    """Run a ``@hydra.main`` app so that a bad override or config (a wrong type, an unknown key,
+    an unknown option) ends in one ``error:`` line and exit status 2, not Hydra's report.
+
+    Hydra is asked to let exceptions through (``HYDRA_FULL_ERROR=1``) and they are reported
+    here; set ``HYDRA_FULL_ERROR=1`` yourself to see the full traceback instead.
+    """
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
+
+    from hlss.schemas import register_schemas
+
+    user_setting = os.environ.get("HYDRA_FULL_ERROR")
+    os.environ["HYDRA_FULL_ERROR"] = "1"
+    register_schemas()
+    try:
+        app()
+    except (HydraException, OmegaConfBaseException, HLSSError) as err:
+        if user_setting == "1":
+            raise
+        print(f"error: {one_line(err)}", file=sys.stderr)
+        raise SystemExit(EXIT_USER_ERROR) from None
+    finally:  # a second command in the same process must see the user's setting, not ours
+        if user_setting is None:
+            os.environ.pop("HYDRA_FULL_ERROR", None)
+        else:
+            os.environ["HYDRA_FULL_ERROR"] = user_setting
+
+
 def quiet_libraries() -> None:
     """Silence start-up chatter of libraries (FAISS's loader, sentence-transformers) below WARNING."""
     import logging
@@ -113,3 +129,19 @@ def user_errors_exit(func: Callable[..., int | None]) -> Callable[..., int | Non
             raise SystemExit(130) from None
 
     return wrapper
+
+
+@contextlib.contextmanager
+def command_argv(prog: str, argv: Sequence[str] | None) -> Iterator[None]:
+    """Let a ``@hydra.main`` app (which reads ``sys.argv``) see ``argv`` as its arguments, for
+    console-script mains that also take ``argv`` (tests call them in-process); ``None`` keeps
+    the process's own arguments."""
+    if argv is None:
+        yield
+        return
+    saved = sys.argv
+    sys.argv = [prog, *argv]
+    try:
+        yield
+    finally:
+        sys.argv = saved

@@ -2,7 +2,8 @@
 
 Generates (or reuses) a synthetic OpenSRH-layout dataset, validates it, trains the HiDisc baseline
 and HLSS with the CPU experiment, evaluates both and the untrained backbone with the kNN protocol,
-and prints a table. Each step is the real console command, printed before it runs.
+and prints a table. Each step is the real console command, printed before it runs. The keys,
+their defaults and comments are in ``conf/demo.yaml`` (``hlss-demo --help``)::
 
     hlss-demo [out=demo] [steps=300] [patients=8] [patients_per_class=8] [size=64]
 """
@@ -18,20 +19,17 @@ import subprocess
 import sys
 import time
 
-from hlss.cli.common import parse_key_values, user_errors_exit
-from hlss.errors import HLSSError
+import hydra
+from omegaconf import DictConfig
 
-DEFAULTS = {
-    "out": "demo",
-    "steps": 300,
-    "patients": 8,
-    "patients_per_class": 8,
-    "slides_per_patient": 2,
-    "patches_per_slide": 8,
-    "size": 64,
-    "seed": 0,
-}
-LEVELS = ("patch", "slide", "patient")
+from hlss.cli.common import command_argv, report_errors, run_hydra_command, user_errors_exit
+from hlss.config import check_config
+from hlss.data.opensrh import META_FILE
+from hlss.errors import HLSSError
+from hlss.levels import LEVELS
+from hlss.schemas.tools import DemoConfig, to_typed
+
+PROG = "hlss-demo"
 
 
 def _bin(name: str) -> str:
@@ -41,13 +39,27 @@ def _bin(name: str) -> str:
 
 
 def run(cmd: list[str]) -> None:
+    """Print ``cmd`` and run it; its output goes to this process's stdout and stderr.
+
+    ``HYDRA_FULL_ERROR``, which this Hydra app sets for itself, is not passed on, so a step
+    reports a bad input in one line (rerun the printed command with it to see a traceback).
+
+    Raises:
+        HLSSError: the command exited with a non-zero status.
+    """
     print("\n$ " + " ".join(shlex.quote(c) for c in cmd), flush=True)
-    proc = subprocess.run(cmd, check=False)
+    env = {k: v for k, v in os.environ.items() if k != "HYDRA_FULL_ERROR"}
+    proc = subprocess.run(cmd, check=False, env=env)
     if proc.returncode != 0:
         raise HLSSError(f"step failed (exit {proc.returncode}): {' '.join(cmd[:2])} ...")
 
 
 def trained_run(root: str) -> str:
+    """The output folder of the one finished training run under ``root``.
+
+    Raises:
+        HLSSError: ``root`` holds no finished run (no ``summary.json``) or more than one.
+    """
     found = glob.glob(os.path.join(root, "**", "summary.json"), recursive=True)
     if len(found) != 1:
         raise HLSSError(f"{root}: expected one finished training run, found {len(found)}")
@@ -56,6 +68,7 @@ def trained_run(root: str) -> str:
 
 
 def format_rows(results: dict[str, dict]) -> str:
+    """A text table: one row per model, accuracy and MCA per level (``results[model][level]``)."""
     head = f"{'model':<22}" + "".join(f"{lv + ' acc':>13}{lv + ' mca':>13}" for lv in LEVELS)
     lines = [head, "-" * len(head)]
     for name, metrics in results.items():
@@ -64,27 +77,28 @@ def format_rows(results: dict[str, dict]) -> str:
     return "\n".join(lines)
 
 
-@user_errors_exit
-def main(argv: list[str] | None = None) -> int:
-    args = parse_key_values(sys.argv[1:] if argv is None else argv, DEFAULTS, "hlss-demo")
+def demo(args: DemoConfig) -> None:
+    """Run the pipeline for ``args`` under ``args.out`` and print the comparison.
+
+    Raises:
+        HLSSError: a step failed (its own output says why) or left no finished training run.
+    """
     start = time.perf_counter()
-    out = os.path.abspath(args["out"])
-    data = os.path.join(
-        out,
-        f"data-{args['patients_per_class']}x{args['slides_per_patient']}x{args['patches_per_slide']}-{args['size']}px-seed{args['seed']}",
-    )
+    out = os.path.abspath(args.out)
+    sizes = f"{args.patients_per_class}x{args.slides_per_patient}x{args.patches_per_slide}"
+    data = os.path.join(out, f"data-{sizes}-{args.size}px-seed{args.seed}")
     session = os.path.join(out, _dt.datetime.now().strftime("run-%Y%m%d-%H%M%S"))
     os.makedirs(session, exist_ok=False)
-    if not os.path.isfile(os.path.join(data, "meta", "opensrh.json")):
+    if not os.path.isfile(os.path.join(data, META_FILE)):
         run(
             [
                 _bin("hlss-synth"),
                 f"out={data}",
-                f"seed={args['seed']}",
-                f"size={args['size']}",
-                f"patients_per_class={args['patients_per_class']}",
-                f"slides_per_patient={args['slides_per_patient']}",
-                f"patches_per_slide={args['patches_per_slide']}",
+                f"seed={args.seed}",
+                f"size={args.size}",
+                f"patients_per_class={args.patients_per_class}",
+                f"slides_per_patient={args.slides_per_patient}",
+                f"patches_per_slide={args.patches_per_slide}",
             ]
         )
     run([_bin("hlss-validate"), f"root={data}", "max_examples=2"])
@@ -93,9 +107,9 @@ def main(argv: list[str] | None = None) -> int:
         "experiment=demo_cpu",
         "dataset=opensrh",
         f"dataset.root={data}",
-        f"trainer.max_steps={args['steps']}",
-        f"data.patients={args['patients']}",
-        f"seed={args['seed']}",
+        f"trainer.max_steps={args.steps}",
+        f"loader.patients={args.patients}",
+        f"seed={args.seed}",
         f"logger.tracking_uri=sqlite:///{out}/mlruns.db",
     ]
     runs = {}
@@ -121,7 +135,8 @@ def main(argv: list[str] | None = None) -> int:
 
     print("\n" + "=" * 100)
     print(
-        f"kNN evaluation on the synthetic val split (k=200, T=0.07), {args['steps']} training steps each\n"
+        f"kNN evaluation on the synthetic val split (k=200, T=0.07), "
+        f"{args.steps} training steps each\n"
     )
     print(format_rows(results))
     hlss_eval = folders["HLSS (trained)"]
@@ -142,8 +157,25 @@ def main(argv: list[str] | None = None) -> int:
     print(f"\nruns and evaluations: {session}")
     print(f"mlflow ui --backend-store-uri sqlite:///{out}/mlruns.db")
     print(f"demo wall time: {time.perf_counter() - start:.0f} s")
+
+
+@hydra.main(config_path="pkg://hlss.conf", config_name="demo", version_base="1.3")
+def _demo(cfg: DictConfig) -> None:
+    report_errors(check_config, cfg, DemoConfig)
+    report_errors(demo, report_errors(to_typed, cfg))
+
+
+@user_errors_exit
+def main(argv: list[str] | None = None) -> int:
+    """Run ``hlss-demo`` with ``argv`` (default: the process's arguments); returns 0.
+
+    Raises:
+        SystemExit: status 2 with one ``error:`` line for bad input or a failed step.
+    """
+    with command_argv(PROG, argv):
+        run_hydra_command(_demo)
     return 0
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

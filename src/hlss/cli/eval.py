@@ -10,14 +10,16 @@ from __future__ import annotations
 import hydra
 from omegaconf import DictConfig
 
-from hlss.cli.common import quiet_libraries, report_errors
-from hlss.cli.train import register_resolvers
+from hlss.cli.common import quiet_libraries, report_errors, run_hydra_command
+from hlss.config import check_config, register_resolvers
+from hlss.levels import LEVELS
+from hlss.schemas.eval import EvalConfig
 
 
 def format_table(summary: dict) -> str:
     """A small text table of accuracy / MCA per level."""
     lines = [f"{'level':<8} {'acc':>6} {'top2':>6} {'top3':>6} {'mca':>6} {'map':>6}"]
-    for level in ("patch", "slide", "patient"):
+    for level in LEVELS:
         m = summary["metrics"][level]
         lines.append(
             f"{level:<8} " + " ".join(f"{m[k]:6.3f}" for k in ("acc", "top2", "top3", "mca", "map"))
@@ -29,8 +31,9 @@ def format_table(summary: dict) -> str:
 
 @hydra.main(config_path="pkg://hlss.conf", config_name="eval", version_base="1.3")
 def _eval(cfg: DictConfig) -> None:
-    from hlss.eval.run import evaluate
+    from hlss.eval.pipeline import evaluate
 
+    report_errors(check_config, cfg, EvalConfig)
     summary = report_errors(evaluate, cfg)
     print(format_table(summary))
     if summary.get("attribute_examples"):
@@ -43,7 +46,7 @@ def _eval(cfg: DictConfig) -> None:
 def main() -> None:
     quiet_libraries()
     register_resolvers()
-    _eval()
+    run_hydra_command(_eval)
 
 
 if __name__ == "__main__":

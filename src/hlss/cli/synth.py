@@ -1,37 +1,33 @@
 """``hlss-synth``: write a synthetic dataset in the OpenSRH layout.
 
-Example::
+The keys, their defaults and comments are in ``conf/synth.yaml`` (``hlss-synth --help``)::
 
     hlss-synth out=data/synthetic size=64 patients_per_class=3
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
-import sys
 import time
 
-from hlss.cli.common import parse_key_values, user_errors_exit
-from hlss.data.synthetic import META_NAME, SPLIT_NAME, generate_opensrh
+import hydra
+from omegaconf import DictConfig
 
-DEFAULTS = {
-    "out": ...,
-    "seed": 0,
-    "patients_per_class": 4,
-    "slides_per_patient": 2,
-    "patches_per_slide": 8,
-    "nondiagnostic_per_slide": 1,
-    "size": 300,
-    "val_fraction": 0.25,
-}
+from hlss.cli.common import command_argv, report_errors, run_hydra_command, user_errors_exit
+from hlss.config import check_config
+from hlss.data.opensrh import META_FILE, SPLIT_FILE
+from hlss.schemas.tools import SynthConfig, to_typed
+
+PROG = "hlss-synth"
 
 
 def _summary(root: str, seconds: float) -> str:
     """One line: root, patients per split, slides, diagnostic and nondiagnostic patches, time."""
-    with open(os.path.join(root, "meta", META_NAME), encoding="utf-8") as handle:
+    with open(os.path.join(root, META_FILE), encoding="utf-8") as handle:
         meta = json.load(handle)
-    with open(os.path.join(root, "meta", SPLIT_NAME), encoding="utf-8") as handle:
+    with open(os.path.join(root, SPLIT_FILE), encoding="utf-8") as handle:
         split = json.load(handle)
     slides = [s for entry in meta.values() for s in entry["slides"].values()]
     diagnostic = sum(len(s["tumor_patches"]) + len(s["normal_patches"]) for s in slides)
@@ -43,18 +39,32 @@ def _summary(root: str, seconds: float) -> str:
     )
 
 
-@user_errors_exit
-def main(argv: list[str] | None = None) -> int:
-    """Parse ``key=value`` arguments, generate the dataset, print one summary line.
+@hydra.main(config_path="pkg://hlss.conf", config_name="synth", version_base="1.3")
+def _synth(cfg: DictConfig) -> None:
+    """Generate the dataset of ``cfg`` (a :class:`SynthConfig`) and print one summary line.
 
     Raises:
-        SystemExit: status 2 with one error line for a bad key/value, a missing ``out`` or an
-            existing non-empty ``out`` directory.
+        SystemExit(2): one error line for an unknown key, a missing ``out``, a parameter out of
+            range or an existing non-empty ``out`` directory.
     """
-    args = parse_key_values(sys.argv[1:] if argv is None else argv, DEFAULTS, "hlss-synth")
+    from hlss.data.synthetic import generate_opensrh
+
+    report_errors(check_config, cfg, SynthConfig)
+    args: SynthConfig = report_errors(to_typed, cfg)
     start = time.perf_counter()
-    root = generate_opensrh(**args)
+    root = report_errors(generate_opensrh, **dataclasses.asdict(args))
     print(_summary(root, time.perf_counter() - start))
+
+
+@user_errors_exit
+def main(argv: list[str] | None = None) -> int:
+    """Run ``hlss-synth`` with ``argv`` (default: the process's arguments); returns 0.
+
+    Raises:
+        SystemExit: status 2 with one ``error:`` line for bad input; status 0 after ``--help``.
+    """
+    with command_argv(PROG, argv):
+        run_hydra_command(_synth)
     return 0
 
 

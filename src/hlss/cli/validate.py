@@ -1,11 +1,15 @@
-"""``hlss-validate``: check a dataset against its metadata and print a report.
+"""``hlss-validate``: check an OpenSRH-layout dataset against its metadata and print a report.
 
-Usage::
+The keys, their defaults and comments are in ``conf/validate.yaml`` (``hlss-validate --help``)::
 
     hlss-validate root=/data/opensrh [workers=4] [expected_size=300] [clean_out=/tmp/clean]
 
 Exit status: 0 when the dataset is trainable (warnings allowed), 1 when it is not, 2 for usage
 errors (unknown key, bad value, missing root, refusing to overwrite a cleaned copy).
+
+Only the OpenSRH layout is checked so far; the former ``dataset=opensrh`` key is gone because
+Hydra reads ``dataset=...`` as the choice of the ``dataset`` config group (as in ``hlss-train``),
+which is where another layout would be chosen.
 """
 
 from __future__ import annotations
@@ -13,23 +17,15 @@ from __future__ import annotations
 import sys
 import time
 
-from hlss.cli.common import parse_key_values, user_errors_exit
-from hlss.errors import HLSSError
+import hydra
+from omegaconf import DictConfig
+
+from hlss.cli.common import command_argv, report_errors, run_hydra_command, user_errors_exit
+from hlss.config import check_config
+from hlss.errors import ConfigError
+from hlss.schemas.tools import ValidateConfig, to_typed
 
 PROG = "hlss-validate"
-DEFAULTS = {
-    "root": ...,
-    "dataset": "opensrh",
-    "check_images": True,
-    "expected_size": 0,
-    "workers": 4,
-    "clean_out": "",
-    "include_nondiagnostic": False,
-    "max_examples": 5,
-    "meta_file": "",
-    "split_file": "",
-}
-SUPPORTED = ("opensrh",)
 
 
 def _progress_printer(every_s: float = 10.0):
@@ -45,52 +41,50 @@ def _progress_printer(every_s: float = 10.0):
     return progress
 
 
-@user_errors_exit
-def main(argv: list[str] | None = None) -> int:
-    """Validate the dataset named by ``key=value`` arguments, print the report, return the status.
-
-    Args:
-        argv: arguments (default ``sys.argv[1:]``); see ``DEFAULTS`` for the keys.
-
-    Returns:
-        0 when the dataset is trainable, 1 when it is not.
+def check_arguments(args: ValidateConfig) -> None:
+    """Refuse what the schema's types let through.
 
     Raises:
-        SystemExit(2): a usage error or any other :class:`HLSSError` (one line on stderr).
+        ConfigError: a negative count; one line naming the key.
+    """
+    for key in ("workers", "expected_size", "max_examples"):
+        if getattr(args, key) < 0:
+            raise ConfigError(f"{key}: must be >= 0, got {getattr(args, key)}")
+
+
+def validate(args: ValidateConfig) -> int:
+    """Validate the dataset of ``args``, print the report (and write the cleaned copy when
+    ``clean_out`` is set); return 0 when the dataset is trainable, 1 when it is not.
+
+    Raises:
+        HLSSError: a bad argument, a missing dataset root, an unusable ``clean_out`` (checked
+            before the scan, so a long scan is not wasted).
     """
     from hlss.data.validate import check_clean_out, metadata_paths, validate_opensrh
 
-    args = parse_key_values(sys.argv[1:] if argv is None else list(argv), DEFAULTS, PROG)
-    if args["dataset"] not in SUPPORTED:
-        raise HLSSError(
-            f"dataset={args['dataset']}: not supported by {PROG} yet "
-            f"(supported: {', '.join(SUPPORTED)})"
-        )
-    for key in ("workers", "expected_size", "max_examples"):
-        if args[key] < 0:
-            raise HLSSError(f"{key}: must be >= 0, got {args[key]}")
-    meta_file, split_file = args["meta_file"] or None, args["split_file"] or None
-    root, meta_path, split_path = metadata_paths(args["root"], meta_file, split_file)
-    if args["clean_out"]:
+    check_arguments(args)
+    meta_file, split_file = args.meta_file or None, args.split_file or None
+    root, meta_path, split_path = metadata_paths(args.root, meta_file, split_file)
+    if args.clean_out:
         # refuse an unusable output folder before a long scan, not after it
-        check_clean_out(args["clean_out"], root, meta_path, split_path)
+        check_clean_out(args.clean_out, root, meta_path, split_path)
 
     report = validate_opensrh(
         root,
-        check_images=args["check_images"],
-        expected_size=args["expected_size"] or None,
-        workers=args["workers"],
-        include_nondiagnostic=args["include_nondiagnostic"],
+        check_images=args.check_images,
+        expected_size=args.expected_size or None,
+        workers=args.workers,
+        include_nondiagnostic=args.include_nondiagnostic,
         meta_file=meta_file,
         split_file=split_file,
         progress=_progress_printer(),
     )
-    print(report.to_text(max_examples=args["max_examples"]))
-    if args["clean_out"]:
+    print(report.to_text(max_examples=args.max_examples))
+    if args.clean_out:
         if report.clean_meta is None:
             print(f"{PROG}: metadata unreadable; no cleaned copy written", file=sys.stderr)
         else:
-            meta_out, split_out = report.write_clean_meta(args["clean_out"])
+            meta_out, split_out = report.write_clean_meta(args.clean_out)
             print(f"cleaned metadata written: {meta_out}")
             print(f"                          {split_out}")
             print(
@@ -98,6 +92,28 @@ def main(argv: list[str] | None = None) -> int:
                 f"dataset.table.meta_file={meta_out} dataset.table.split_file={split_out}"
             )
     return 0 if report.trainable else 1
+
+
+@user_errors_exit
+def main(argv: list[str] | None = None) -> int:
+    """Run ``hlss-validate`` with ``argv`` (default: the process's arguments).
+
+    Returns:
+        0 when the dataset is trainable (or after ``--help``), 1 when it is not.
+
+    Raises:
+        SystemExit(2): a usage error or any other :class:`HLSSError` (one line on stderr).
+    """
+    status: list[int] = []  # a @hydra.main app returns nothing: the task leaves its status here
+
+    @hydra.main(config_path="pkg://hlss.conf", config_name="validate", version_base="1.3")
+    def _validate(cfg: DictConfig) -> None:
+        report_errors(check_config, cfg, ValidateConfig)
+        status.append(report_errors(validate, report_errors(to_typed, cfg)))
+
+    with command_argv(PROG, argv):
+        run_hydra_command(_validate)
+    return status[0] if status else 0
 
 
 if __name__ == "__main__":

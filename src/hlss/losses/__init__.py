@@ -5,9 +5,10 @@ distributed code: in multi-process training, all-gather embeddings (with gradien
 before calling them, so every image of the global batch is a negative / group member.
 """
 
+from hlss.levels import LEVELS
 from hlss.losses.align import AttributeConsistency, NearestDescriptionKL, check_alignment_inputs
-from hlss.losses.hlss import HLSSObjective
-from hlss.losses.hvc import LEVELS, HierarchicalVisualContrast, supcon
+from hlss.losses.hvc import HierarchicalVisualContrast, supcon
+from hlss.losses.objective import HLSSObjective, hierarchical_objective
 
 __all__ = [
     "LEVELS",
@@ -16,5 +17,6 @@ __all__ = [
     "HierarchicalVisualContrast",
     "NearestDescriptionKL",
     "check_alignment_inputs",
+    "hierarchical_objective",
     "supcon",
 ]

@@ -16,8 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-LEVELS: tuple[str, ...] = ("patch", "slide", "patient")
-"""The hierarchy levels, finest first. Two images are positives at a level iff their ids match."""
+from hlss.levels import LEVELS
 
 DEFAULT_WEIGHTS: Mapping[str, float] = MappingProxyType(dict.fromkeys(LEVELS, 1.0))
 
@@ -185,8 +184,8 @@ class HierarchicalVisualContrast(nn.Module):
             if weight == 0:
                 out[f"hvc_{level}"] = zero
                 continue
-            z = _level_tensor(embeddings, level, "embeddings")
-            groups = _level_tensor(ids, level, "ids")
+            z = level_tensor(embeddings, level, "embeddings")
+            groups = level_tensor(ids, level, "ids")
             term = supcon(z, groups, self.temperature, self.base_temperature)
             out[f"hvc_{level}"] = term
             total = total + weight * term
@@ -205,7 +204,7 @@ def _any_tensor(x: Tensor | Mapping[str, Tensor]) -> Tensor:
     raise ValueError(f"embeddings must be a tensor or a mapping of tensors, got {type(x).__name__}")
 
 
-def _level_tensor(x: Tensor | Mapping[str, Tensor], level: str, what: str) -> Tensor:
+def level_tensor(x: Tensor | Mapping[str, Tensor], level: str, what: str) -> Tensor:
     """``x`` itself when it is a tensor, else ``x[level]``; ValueError naming a missing level.
 
     ``x`` may be any mapping-like container (dict, ``DictConfig``, ``nn.ParameterDict``, ...).

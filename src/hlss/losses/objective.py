@@ -6,11 +6,11 @@ from collections.abc import Mapping
 
 from torch import Tensor, nn
 
+from hlss.levels import LEVELS
 from hlss.losses.hvc import (
     DEFAULT_WEIGHTS,
-    LEVELS,
     HierarchicalVisualContrast,
-    _level_tensor,
+    level_tensor,
     level_weights,
 )
 
@@ -34,6 +34,7 @@ class HLSSObjective(nn.Module):
             terms; ``loss = hvc``).
         align_weights: ``{level: weight}`` (any mapping, e.g. a ``DictConfig``); a missing level
             has weight 0, and a level with weight 0 is not computed (reported as 0).
+        name: what the objective is called in configs and run names (``attr3levels``...).
 
     Raises:
         ValueError: ``hvc`` is not a module, or ``align_weights`` has an unknown level key or a
@@ -48,8 +49,10 @@ class HLSSObjective(nn.Module):
         hvc: HierarchicalVisualContrast,
         align: nn.Module | None = None,
         align_weights: Mapping[str, float] = DEFAULT_WEIGHTS,
+        name: str = "",
     ):
         super().__init__()
+        self.name = str(name)
         if not isinstance(hvc, nn.Module):
             raise ValueError(f"hvc must be an nn.Module, got {type(hvc).__name__}")
         if align is not None and not isinstance(align, nn.Module):
@@ -102,9 +105,9 @@ class HLSSObjective(nn.Module):
                 if weight == 0:
                     out[f"align_{level}"] = zero
                     continue
-                u = _level_tensor(text_space, level, "text_space")
-                text = _level_tensor(text_embeddings, level, "text_embeddings")
-                groups = _level_tensor(ids, level, "ids")
+                u = level_tensor(text_space, level, "text_space")
+                text = level_tensor(text_embeddings, level, "text_embeddings")
+                groups = level_tensor(ids, level, "ids")
                 term = self.align(u, text, groups)
                 out[f"align_{level}"] = term
                 total = total + weight * term
@@ -112,3 +115,49 @@ class HLSSObjective(nn.Module):
             loss = loss + total
         out["loss"] = loss
         return out
+
+
+def hierarchical_objective(
+    temperature: float = 0.07,
+    base_temperature: float = 0.07,
+    weights: Mapping[str, float] | None = None,
+    align: nn.Module | None = None,
+    align_weights: Mapping[str, float] | None = None,
+    name: str = "",
+) -> HLSSObjective:
+    """The objective of a ``loss`` config: HVC from flat keys, the language tie as a nested node.
+
+    This is the ``_target_`` of every ``conf/loss/*.yaml``, so the paper's knobs sit where users
+    look for them (``loss.temperature``, ``loss.weights.slide``, ``loss.align_weights.patient``)
+    while the language tie stays a swappable module (``loss.align``)::
+
+        _target_: hlss.losses.hierarchical_objective
+        temperature: 0.07
+        weights: {patch: 1.0, slide: 1.0, patient: 1.0}
+        align: {_target_: hlss.losses.NearestDescriptionKL, temperature: 0.1}
+        align_weights: {patch: 1.0, slide: 1.0, patient: 1.0}
+
+    Args:
+        temperature, base_temperature: ``tau`` and ``tau_base`` of every HVC term.
+        weights: HVC ``{level: weight}``; ``None`` -> 1 at every level; a level missing from a
+            mapping has weight 0 (the same rule as ``align_weights``).
+        align: the language-tie module, or ``None`` (HiDisc / ``hvc3``: no language terms).
+        align_weights: language-tie ``{level: weight}``; ``None`` -> 1 at every level. Ignored
+            when ``align`` is ``None``.
+        name: the objective's name (``loss.name``), kept on the module.
+
+    Raises:
+        ValueError: a temperature that is not a finite number > 0, an unknown level, or a
+            negative weight.
+    """
+    hvc = HierarchicalVisualContrast(
+        temperature=temperature,
+        base_temperature=base_temperature,
+        weights=DEFAULT_WEIGHTS if weights is None else weights,
+    )
+    return HLSSObjective(
+        hvc,
+        align=align,
+        align_weights=DEFAULT_WEIGHTS if align_weights is None else align_weights,
+        name=name,
+    )

@@ -22,9 +22,8 @@ from dataclasses import dataclass, field
 import torch
 
 from hlss.errors import ConfigError
+from hlss.levels import LEVELS
 from hlss.models.packaged import load_packaged_or_file, packaged_names
-
-LEVELS = ("patch", "slide", "patient")
 
 
 @dataclass
@@ -152,6 +151,31 @@ def load_banks(
         if key not in LEVELS:
             raise ConfigError(f"banks: unknown level {key!r} (levels: {', '.join(LEVELS)})")
     return {lv: load_bank(banks[lv], level=lv, size=sizes.get(lv)) for lv in LEVELS if lv in banks}
+
+
+def attribute_banks(
+    patch: str | None = "patch",
+    slide: str | None = "slide",
+    patient: str | None = "patient",
+    size: int | None = None,
+) -> dict[str, AttributeBank]:
+    """The ``attributes`` config node: one bank per level, by packaged name or YAML path.
+
+    Args:
+        patch, slide, patient: a packaged bank name (``"patch"``) or the path of a bank file;
+            ``None`` leaves the level without a bank (no head, no language term there).
+        size: keep only the first ``size`` attributes of every bank (``None``: all).
+
+    Returns:
+        ``{level: AttributeBank}`` for the levels given, finest first.
+
+    Raises:
+        ConfigError: a missing or malformed bank file, a bank of another level, or a size the
+            bank cannot give.
+    """
+    names = {"patch": patch, "slide": slide, "patient": patient}
+    chosen = {lv: str(name) for lv, name in names.items() if name is not None}
+    return load_banks(chosen, dict.fromkeys(chosen, size))
 
 
 def embed_banks(

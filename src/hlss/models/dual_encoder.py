@@ -26,7 +26,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from hlss.errors import ConfigError
-from hlss.models.attributes import LEVELS
+from hlss.levels import LEVELS
+from hlss.models.attributes import AttributeBank
 
 HEADS = ("text", "mlp")
 PROJECTIONS = ("auto", "linear", "mlp", "identity")
@@ -89,6 +90,9 @@ class DualEncoder(nn.Module):
         self.num_features = num_features
         self.head_type = head
         self.levels: tuple[str, ...] = ()
+        # {level: AttributeBank} the text heads were built from (names and descriptions; plain
+        # Python, not part of the state dict), set by build_dual_encoder; None for the MLP head.
+        self.attribute_banks: dict[str, AttributeBank] | None = None
 
         if head == "mlp":
             self.text_dim = None
@@ -233,9 +237,9 @@ class DualEncoder(nn.Module):
 def build_dual_encoder(
     backbone: nn.Module,
     text_encoder=None,
-    banks: Mapping[str, str] | None = None,
+    banks: Mapping[str, str | AttributeBank] | None = None,
     bank_sizes: Mapping[str, int | None] | None = None,
-    cache_dir: str | None = None,
+    text_cache_dir: str | None = None,
     head: str = "text",
     projection: str = "auto",
     proj_hidden: int = 0,
@@ -248,9 +252,11 @@ def build_dual_encoder(
         backbone: see :class:`DualEncoder`.
         text_encoder: a frozen text encoder (:mod:`hlss.models.text`); ``None`` only for
             ``head="mlp"``.
-        banks: ``{level: packaged bank name or YAML path}``; ``None`` -> all packaged banks.
-        bank_sizes: optional ``{level: size}`` truncations of the banks.
-        cache_dir: text embedding cache folder (``None`` -> ``$HLSS_CACHE/text`` or
+        banks: ``{level: AttributeBank}`` (the ``attributes`` config node, built by
+            :func:`hlss.models.attributes.attribute_banks`) or ``{level: packaged bank name or
+            YAML path}``; ``None`` -> all packaged banks.
+        bank_sizes: optional ``{level: size}`` truncations of banks given by name.
+        text_cache_dir: text embedding cache folder (``None`` -> ``$HLSS_CACHE/text`` or
             ``~/.cache/hlss/text``).
         head, projection, proj_hidden, mlp_dim: see :class:`DualEncoder`.
 
@@ -264,10 +270,21 @@ def build_dual_encoder(
     from hlss.models.attributes import embed_banks, load_banks
 
     if head == "mlp":
-        return DualEncoder(backbone, None, None, head="mlp", mlp_dim=mlp_dim)
+        model = DualEncoder(backbone, None, None, head="mlp", mlp_dim=mlp_dim)
+        model.attribute_banks = None
+        return model
     if text_encoder is None:
         raise ConfigError("text_encoder: head='text' needs a text encoder")
-    embeddings = embed_banks(text_encoder, load_banks(banks, bank_sizes), cache_dir)
+    if banks is not None and all(isinstance(b, AttributeBank) for b in banks.values()):
+        loaded = {lv: banks[lv] for lv in LEVELS if lv in banks}
+        unknown = sorted(set(banks) - set(LEVELS))
+        if unknown:
+            raise ConfigError(
+                f"model.banks: unknown level {unknown[0]!r} (levels: {', '.join(LEVELS)})"
+            )
+    else:
+        loaded = load_banks(banks, bank_sizes)
+    embeddings = embed_banks(text_encoder, loaded, text_cache_dir)
     b_space = getattr(backbone, "joint_space", None)
     t_space = getattr(text_encoder, "joint_space", None)
     if projection == "auto" and b_space and t_space and b_space != t_space:
@@ -277,7 +294,7 @@ def build_dual_encoder(
             stacklevel=2,
         )
         projection = "linear"
-    return DualEncoder(
+    model = DualEncoder(
         backbone,
         int(text_encoder.dim),
         embeddings,
@@ -287,3 +304,5 @@ def build_dual_encoder(
         mlp_dim=mlp_dim,
         center_text=center_text,
     )
+    model.attribute_banks = loaded
+    return model

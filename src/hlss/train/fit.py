@@ -1,4 +1,8 @@
-"""One training run from a composed config: output folder, MLflow, checkpoints, resume."""
+"""One training run from a composed config: output folder, MLflow, checkpoints, resume.
+
+Everything is built from the config's ``_target_`` nodes by :mod:`hlss.config`; this module only
+orders the steps: find what to resume, build, record the config, fit, summarise.
+"""
 
 from __future__ import annotations
 
@@ -10,13 +14,21 @@ from collections.abc import Mapping
 
 import lightning as L
 import torch
-from lightning.pytorch.callbacks import Callback, LearningRateMonitor, ModelCheckpoint
-from omegaconf import DictConfig, OmegaConf
+from lightning.pytorch.callbacks import LearningRateMonitor
+from omegaconf import DictConfig, OmegaConf, open_dict
 
-from hlss.config import build
+from hlss.checkpoints import AtomicCheckpointIO, find_checkpoint, load_checkpoint_file
+from hlss.config import (
+    build,
+    build_callbacks,
+    build_datamodule,
+    build_model,
+    build_objective,
+    resolved_container,
+)
 from hlss.errors import ConfigError
-from hlss.train.build import build_datamodule, build_model, build_objective, flat_params
-from hlss.train.checkpoint import AtomicCheckpointIO, find_checkpoint, load_checkpoint_file
+from hlss.tracking import prepare_tracking_uri
+from hlss.train.callbacks import SamplerResume
 from hlss.train.module import HLSSModule
 
 log = logging.getLogger(__name__)
@@ -39,71 +51,41 @@ def git_commit() -> str:
     return out.stdout.strip() if out.returncode == 0 and out.stdout.strip() else "unknown"
 
 
-class SamplerResume(Callback):
-    """Makes a mid-epoch resume continue the interrupted epoch where it stopped.
-
-    Batches depend only on ``(seed, epoch, position)``, so skipping the batches already done in
-    the resumed epoch gives the same sequence as an uninterrupted run.
-    """
-
-    def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        loader = trainer.train_dataloader
-        sampler = getattr(loader, "sampler", None)
-        if sampler is None or not hasattr(sampler, "skip_items"):
-            return
-        per_epoch = trainer.num_training_batches
-        if not isinstance(per_epoch, int) or per_epoch <= 0:
-            return
-        done = (
-            trainer.global_step * trainer.accumulate_grad_batches
-            - trainer.current_epoch * per_epoch
-        )
-        sampler.skip_items = max(0, min(done, per_epoch)) * loader.batch_size
-
-
-class RunInfo(Callback):
-    """Keeps the MLflow run id in every checkpoint so a resumed run continues the same MLflow run,
-    and records the checkpoint folder as a run tag."""
-
-    def __init__(self, checkpoint_dir: str):
-        self.checkpoint_dir = checkpoint_dir
-
-    def on_save_checkpoint(self, trainer, pl_module, checkpoint: dict) -> None:
-        run_id = getattr(trainer.logger, "run_id", None)
-        checkpoint["hlss"] = {"mlflow_run_id": run_id, "checkpoint_dir": self.checkpoint_dir}
-
-
-class BatchRecord(Callback):
-    """Writes ``batches-rank<r>.jsonl``: per step, the patient and patch ids this rank trained on
-    (``record_batches=true``; for checking sampling, resumption and distributed splits)."""
-
-    def __init__(self, output_dir: str):
-        self.output_dir = output_dir
-
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        path = os.path.join(self.output_dir, f"batches-rank{trainer.global_rank}.jsonl")
-        row = {
-            "step": int(trainer.global_step),
-            "epoch": int(trainer.current_epoch),
-            "patients": batch["patient"].tolist(),
-            "patches": batch["patch"].flatten().tolist(),
-        }
-        with open(path, "a", encoding="utf-8") as handle:
-            handle.write(json.dumps(row) + "\n")
-
-
 def _mlflow_logger(cfg: DictConfig, run_id: str | None, tags: Mapping[str, str]):
     if not cfg.get("logger"):  # logger=none
         return None
-    uri = str(cfg.logger.get("tracking_uri", ""))
-    if uri.startswith("sqlite:///"):
-        os.makedirs(os.path.dirname(uri[len("sqlite:///") :]) or ".", exist_ok=True)
+    if cfg.logger.get("tracking_uri"):
+        prepare_tracking_uri(str(cfg.logger.tracking_uri))
     return build(cfg.logger, run_id=run_id, tags=dict(tags))
+
+
+def _callbacks(cfg: DictConfig, has_logger: bool) -> list:
+    callbacks = build_callbacks(cfg)
+    if not has_logger:  # LearningRateMonitor refuses a Trainer without a logger
+        callbacks = [c for c in callbacks if not isinstance(c, LearningRateMonitor)]
+    return [*callbacks, SamplerResume()]
+
+
+def _write_banks(model, output_dir: str) -> str | None:
+    banks = getattr(model, "attribute_banks", None)
+    if not banks:
+        return None
+    path = os.path.join(output_dir, "attributes.json")
+    with open(path, "w", encoding="utf-8") as handle:
+        payload = {
+            lvl: {"names": b.names, "descriptions": b.descriptions} for lvl, b in banks.items()
+        }
+        json.dump(payload, handle, indent=1)
+    return path
 
 
 def run_training(cfg: DictConfig, output_dir: str) -> dict:
     """Train as configured; returns a summary (output folder, checkpoint, last losses, run id)."""
+    output_dir = os.path.abspath(output_dir)
     os.makedirs(output_dir, exist_ok=True)
+    cfg = cfg.copy()
+    with open_dict(cfg):
+        cfg.paths.output_dir = output_dir
     L.seed_everything(int(cfg.seed), workers=True, verbose=False)
 
     resume_path = None
@@ -115,64 +97,42 @@ def run_training(cfg: DictConfig, output_dir: str) -> dict:
         del state
         log.info("resuming from %s", resume_path)
 
+    every = int(cfg.checkpoint.every_n_steps)
+    if every < 1:
+        raise ConfigError(f"checkpoint.every_n_steps must be >= 1, got {every}")
+    run_config = resolved_container(cfg)
     datamodule = build_datamodule(cfg)
-    model, banks = build_model(cfg)
+    model = build_model(cfg)
     objective = build_objective(cfg)
     module = HLSSModule(
-        model, objective, optimizer=build(cfg.optimizer), gather=bool(cfg.get("gather", True))
+        model,
+        objective,
+        optimizer=build(cfg.optimizer),
+        gather=bool(cfg.get("gather", True)),
+        run_config=run_config,
     )
 
     config_path = os.path.join(output_dir, "config.yaml")
-    OmegaConf.save(cfg, config_path, resolve=True)
-    banks_path = None
-    if banks:
-        banks_path = os.path.join(output_dir, "attributes.json")
-        with open(banks_path, "w", encoding="utf-8") as handle:
-            json.dump(
-                {
-                    lvl: {"names": b.names, "descriptions": b.descriptions}
-                    for lvl, b in banks.items()
-                },
-                handle,
-                indent=1,
-            )
+    OmegaConf.save(OmegaConf.create(run_config), config_path)
+    banks_path = _write_banks(model, output_dir)
 
     ckpt_dir = os.path.join(output_dir, "checkpoints")
     tags = {
         "git_commit": git_commit(),
         "output_dir": output_dir,
-        "loss": str(cfg.loss.name),
+        "loss": str(cfg.loss.get("name", "")),
         "dataset": str(cfg.dataset.name),
     }
     logger = _mlflow_logger(cfg, resumed_run_id, tags)
-    every = int(cfg.checkpoint.every_n_steps)
-    if every < 1:
-        raise ConfigError(f"checkpoint.every_n_steps must be >= 1, got {every}")
-    callbacks = [
-        ModelCheckpoint(
-            dirpath=ckpt_dir,
-            filename="step-{step:07d}",
-            auto_insert_metric_name=False,
-            every_n_train_steps=every,
-            save_top_k=-1,
-            save_last=True,
-        ),
-        SamplerResume(),
-        RunInfo(ckpt_dir),
-    ]
-    if logger is not None:
-        callbacks.append(LearningRateMonitor(logging_interval="step"))
-    if cfg.get("record_batches"):
-        callbacks.append(BatchRecord(output_dir))
     trainer = build(
         cfg.trainer,
         logger=logger if logger is not None else False,
-        callbacks=callbacks,
+        callbacks=_callbacks(cfg, logger is not None),
         plugins=[AtomicCheckpointIO()],
         default_root_dir=output_dir,
     )
     if logger is not None and trainer.is_global_zero:
-        logger.log_hyperparams(flat_params(cfg))
+        logger.log_hyperparams(run_config)
         logger.experiment.log_artifact(logger.run_id, config_path)
         if banks_path:
             logger.experiment.log_artifact(logger.run_id, banks_path)

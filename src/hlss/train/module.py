@@ -10,8 +10,6 @@ import torch
 
 from hlss.errors import HLSSError
 
-LEVELS = ("patch", "slide", "patient")
-
 
 class NonFiniteLossError(HLSSError):
     """The loss became NaN or infinite; training stops, the last good checkpoint stays."""
@@ -42,6 +40,9 @@ class HLSSModule(L.LightningModule):
             :func:`hlss.train.optim.adamw_warmup_cosine` of the ``optimizer`` config.
         gather: all-gather embeddings and ids across processes (with gradients) so that every
             rank's images are negatives for every other rank's anchors.
+        run_config: the resolved run config (plain containers). Every checkpoint carries it at
+            ``checkpoint["hlss"]["config"]``, beside the MLflow run id, so a lone checkpoint can
+            be evaluated or resumed anywhere.
     """
 
     def __init__(
@@ -50,8 +51,10 @@ class HLSSModule(L.LightningModule):
         objective: torch.nn.Module,
         optimizer: Callable | None = None,
         gather: bool = True,
+        run_config: Mapping | None = None,
     ):
         super().__init__()
+        self.run_config = dict(run_config) if run_config is not None else None
         self.model = model
         self.objective = objective
         self.optimizer_factory = optimizer
@@ -106,6 +109,15 @@ class HLSSModule(L.LightningModule):
             self.bad_files_seen += bad
             self.log("train/bad_files", float(self.bad_files_seen), batch_size=size)
         return loss
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        trainer = self._trainer
+        callback = getattr(trainer, "checkpoint_callback", None) if trainer is not None else None
+        checkpoint["hlss"] = {
+            "config": self.run_config,
+            "mlflow_run_id": getattr(self.logger, "run_id", None) if trainer is not None else None,
+            "checkpoint_dir": getattr(callback, "dirpath", None),
+        }
 
     def configure_optimizers(self):
         if self.optimizer_factory is None:

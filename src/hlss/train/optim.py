@@ -1,28 +1,14 @@
-"""AdamW with a per-step schedule: linear warm-up, then cosine decay (the paper's schedule)."""
+"""AdamW with a per-step schedule: linear warm-up, then cosine decay (the papers' schedule),
+built from torch's own schedulers (``SequentialLR`` of ``LinearLR`` and ``CosineAnnealingLR``)."""
 
 from __future__ import annotations
 
-import math
 from collections.abc import Iterable
 
 import torch
+from torch.optim.lr_scheduler import CosineAnnealingLR, LinearLR, LRScheduler, SequentialLR
 
 from hlss.errors import ConfigError
-
-
-def warmup_cosine_factor(
-    step: int, total_steps: int, warmup_steps: int, min_ratio: float = 0.0
-) -> float:
-    """Learning-rate multiplier at ``step`` (0-based).
-
-    Rises linearly from ``1/warmup_steps`` to 1 over the warm-up, then follows half a cosine from 1
-    down to ``min_ratio`` at ``total_steps``; stays at ``min_ratio`` afterwards.
-    """
-    if warmup_steps > 0 and step < warmup_steps:
-        return (step + 1) / warmup_steps
-    span = max(1, total_steps - warmup_steps)
-    progress = min(1.0, (step - warmup_steps) / span)
-    return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
 def adamw_warmup_cosine(
@@ -33,8 +19,13 @@ def adamw_warmup_cosine(
     betas: tuple[float, float] = (0.9, 0.999),
     warmup_fraction: float = 0.1,
     min_lr_ratio: float = 0.0,
-) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR]:
+) -> tuple[torch.optim.Optimizer, LRScheduler]:
     """Build AdamW and its per-step warm-up + cosine scheduler.
+
+    With ``W = round(warmup_fraction * total_steps)`` warm-up steps, the learning rate at step
+    ``t`` (0-based) is ``lr * (t + 1) / W`` for ``t < W``, then
+    ``lr * (m + (1 - m) * (1 + cos(pi * (t - W) / (total_steps - W))) / 2)`` with
+    ``m = min_lr_ratio``, reaching ``m * lr`` at ``total_steps``.
 
     Args:
         total_steps: optimiser steps of the whole run (the schedule's length).
@@ -56,7 +47,12 @@ def adamw_warmup_cosine(
         raise ConfigError(f"optimizer.min_lr_ratio must be in [0, 1], got {min_lr_ratio}")
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, betas=tuple(betas))
     warmup = round(warmup_fraction * total_steps)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda step: warmup_cosine_factor(step, total_steps, warmup, min_lr_ratio)
+    cosine = CosineAnnealingLR(
+        optimizer, T_max=max(1, total_steps - warmup), eta_min=min_lr_ratio * lr
     )
-    return optimizer, scheduler
+    if warmup == 0:
+        return optimizer, cosine
+    ramp = LinearLR(
+        optimizer, start_factor=1.0 / warmup, end_factor=1.0, total_iters=max(1, warmup - 1)
+    )
+    return optimizer, SequentialLR(optimizer, [ramp, cosine], milestones=[warmup])
