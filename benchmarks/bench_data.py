@@ -19,14 +19,24 @@ import time
 
 import numpy as np
 import torch
-from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
 import hlss
+from hlss.config import build
 from hlss.data.hierarchy import HierarchicalDataset, HierarchicalSampler, PatientIndex
-from hlss.data.opensrh import read_opensrh
+from hlss.data.opensrh import (
+    META_DIR,
+    META_FILE,
+    NONDIAGNOSTIC_PATCHES,
+    SPLIT_FILE,
+    diagnostic_key,
+    empty_patch_lists,
+    patch_path,
+    read_opensrh,
+)
 from hlss.data.synthetic import generate_opensrh
 from hlss.data.transforms import BaseTransform
+from hlss.devices import resolve_device
 
 
 def write_big_meta(root: str, entries: int, seed: int = 0) -> int:
@@ -46,19 +56,19 @@ def write_big_meta(root: str, entries: int, seed: int = 0) -> int:
         for s, n in enumerate(sizes):
             sid = str(1000000 + 37 * p + s)
             paths = [
-                f"studies/{pid}/{sid}/patches/{pid}-{sid}-{i // 9 * 1000}_0_{i % 3 * 300}_{i // 3 % 3 * 300}.tif"
+                patch_path(pid, sid, i // 9 * 1000, 0, i % 3 * 300, i // 3 % 3 * 300)
                 for i in range(int(n))
             ]
-            key = "normal_patches" if label == "normal" else "tumor_patches"
-            other = "tumor_patches" if label == "normal" else "normal_patches"
-            slides[sid] = {key: paths, other: [], "nondiagnostic_patches": paths[:2]}
+            slides[sid] = empty_patch_lists()
+            slides[sid][diagnostic_key(label)] = paths
+            slides[sid][NONDIAGNOSTIC_PATCHES] = paths[:2]
             written += len(paths)
         meta[pid] = {"class": label, "slides": slides}
         split["val" if p % 5 == 0 else "train"].append(pid)
-    os.makedirs(os.path.join(root, "meta"), exist_ok=True)
-    with open(os.path.join(root, "meta", "opensrh.json"), "w") as h:
+    os.makedirs(os.path.join(root, META_DIR), exist_ok=True)
+    with open(os.path.join(root, META_FILE), "w") as h:
         json.dump(meta, h)
-    with open(os.path.join(root, "meta", "train_val_split.json"), "w") as h:
+    with open(os.path.join(root, SPLIT_FILE), "w") as h:
         json.dump(split, h)
     return written
 
@@ -90,7 +100,7 @@ def bench_pipeline(workdir: str, batches: int, patients: int, device: torch.devi
     dataset = HierarchicalDataset(table, 2, 2, 2, transform=BaseTransform("srh"))
     sampler = HierarchicalSampler(dataset.labels, seed=0)
     conf = os.path.join(os.path.dirname(hlss.__file__), "conf", "augment", "hidisc.yaml")
-    augment = instantiate(OmegaConf.load(conf)).to(device)
+    augment = build(OmegaConf.load(conf)).to(device)
     loader = torch.utils.data.DataLoader(
         dataset, batch_size=patients, sampler=sampler, num_workers=0
     )
@@ -137,7 +147,7 @@ def main() -> None:
     parser.add_argument("--patients", type=int, default=8)
     parser.add_argument("--out", default=None, help="work folder (default: a temporary one)")
     args = parser.parse_args()
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = resolve_device()
     with tempfile.TemporaryDirectory(dir=args.out) as workdir:
         result = {
             "torch_threads": torch.get_num_threads(),

@@ -215,3 +215,23 @@ def test_eval_schema_refuses_unknown_key():
     cfg = composed("eval", ["ckpt=/x.ckpt", "+knn.kk=5"])
     with pytest.raises(ConfigError, match=r"knn\.kk: unknown key"):
         check_config(cfg, EvalConfig)
+
+
+def test_callbacks_added_and_dropped_from_the_command_line(tmp_path):
+    from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
+
+    from hlss.train.callbacks import BatchRecord
+
+    def kinds(*overrides):
+        return [type(c) for c in build_callbacks(train_cfg(tmp_path, *overrides))]
+
+    assert kinds() == [ModelCheckpoint, LearningRateMonitor]
+    assert kinds("~callbacks.lr_monitor") == [ModelCheckpoint]
+    assert kinds("callbacks=[default,batch_record]") == [
+        ModelCheckpoint,
+        LearningRateMonitor,
+        BatchRecord,
+    ]
+    assert kinds("callbacks=none") == []
+    dirpath = build_callbacks(train_cfg(tmp_path))[0].dirpath
+    assert dirpath == str(tmp_path / "run" / "checkpoints")

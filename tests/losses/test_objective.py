@@ -198,3 +198,49 @@ def test_hydra_instantiate_from_config():
     assert objective.hvc.weights == dict.fromkeys(LEVELS, 1.0)
     out = objective(torch.randn(B, 8), hierarchy_ids(), text_bank(), torch.randn(B, D_TEXT))
     assert torch.isfinite(out["loss"])
+
+
+def test_config_factory_builds_the_same_objective():
+    """`hierarchical_objective` (the `loss` configs' target) equals the hand-assembled module."""
+    from hlss.losses import hierarchical_objective
+
+    ids = hierarchy_ids()
+    heads = {level: torch.randn(B, 6, dtype=torch.float64) for level in LEVELS}
+    u = torch.randn(B, D_TEXT, dtype=torch.float64)
+    text = text_bank(dtype=torch.float64)
+    weights = {"patch": 1.0, "slide": 0.5, "patient": 2.0}
+    align_weights = {"patch": 0.3, "slide": 1.0, "patient": 0.0}
+    made = hierarchical_objective(
+        temperature=0.1,
+        base_temperature=0.05,
+        weights=weights,
+        align=AttributeConsistency(temperature=0.2),
+        align_weights=align_weights,
+        name="attr3levels",
+    )
+    direct = HLSSObjective(
+        HierarchicalVisualContrast(temperature=0.1, base_temperature=0.05, weights=weights),
+        AttributeConsistency(temperature=0.2),
+        align_weights,
+    )
+    a, b = made(heads, ids, text, u), direct(heads, ids, text, u)
+    assert made.name == "attr3levels"
+    assert a.keys() == b.keys()
+    for key in a:
+        torch.testing.assert_close(a[key], b[key])
+
+
+def test_config_factory_level_weight_rule():
+    """No mapping: every level weighs 1; a mapping: a level it leaves out weighs 0 (both terms)."""
+    from hlss.losses import hierarchical_objective
+
+    plain = hierarchical_objective(align=AttributeConsistency())
+    assert plain.hvc.weights == dict.fromkeys(LEVELS, 1.0)
+    assert plain.align_weights == dict.fromkeys(LEVELS, 1.0)
+    partial = hierarchical_objective(
+        weights={"patch": 2.0}, align=AttributeConsistency(), align_weights={"slide": 1.0}
+    )
+    assert partial.hvc.weights == {"patch": 2.0, "slide": 0.0, "patient": 0.0}
+    assert partial.align_weights == {"patch": 0.0, "slide": 1.0, "patient": 0.0}
+    with pytest.raises(ValueError, match="temperature"):
+        hierarchical_objective(temperature=0.0)
