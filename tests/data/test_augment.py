@@ -289,3 +289,33 @@ def test_runs_on_cuda():
     y = _augment(HIDISC_OPS, p=0.5)(x)
     assert y.device == x.device and y.shape == x.shape
     assert not torch.equal(y, x)
+
+
+class _Recorder(torch.nn.Module):
+    """A stand-in op: adds 1 to what it is given and records the batch sizes it saw."""
+
+    def __init__(self, p: float):
+        super().__init__()
+        self.p = p
+        self.sizes: list[int] = []
+        self.p_seen: list[float] = []
+
+    def forward(self, x):
+        self.sizes.append(int(x.shape[0]))
+        self.p_seen.append(self.p)
+        return x + 1.0
+
+
+def test_gated_op_runs_on_chosen_images_only():
+    from hlss.data.augment import apply_gated
+
+    torch.manual_seed(0)
+    op = _Recorder(p=0.3)
+    images = torch.zeros(2000, 1, 2, 2)
+    out = apply_gated(op, images)
+    changed = (out != images).flatten(1).any(1)
+    assert op.sizes == [int(changed.sum())]  # computed once, on exactly the chosen images
+    assert 0.25 < changed.float().mean() < 0.35
+    assert op.p_seen == [1.0] and op.p == 0.3  # forced for the call, restored after
+    assert torch.equal(images, torch.zeros_like(images))  # the input is not modified
+    assert apply_gated(_Recorder(p=0.0), images) is images

@@ -18,6 +18,14 @@ op is):
   gates the whole batch at once (``p_batch``); this one keeps each image's own H x W and gates each
   image independently, like every other op.
 
+Each op's per-image decision is drawn by the wrapper, and the op (with its ``p`` set to 1 for the
+call) runs on the chosen images only. kornia 0.9 itself computes an op on the whole batch and then
+keeps the result for the chosen images (a blend that keeps it exportable to ONNX), which at
+HiDisc's ``p = 0.3`` throws away 70% of the work: on 64 images of 300 x 300 px on a 2-core CPU the
+HiDisc list ran at ~30 images/s through ``AugmentationSequential.forward`` and ~95 images/s
+before the move to kornia. The distribution is the same (each op, each image, independently with
+probability ``p``; kornia draws the op's parameters per image).
+
 Randomness comes from torch's global generators, on the device of the batch (the wrapper moves
 kornia's samplers to it); seed with ``torch.manual_seed`` for reproducible draws.
 """
@@ -137,6 +145,25 @@ def _check_prob(p: Any, where: str) -> float:
     return float(p)
 
 
+def apply_gated(op: nn.Module, images: torch.Tensor) -> torch.Tensor:
+    """Apply a kornia op to each image of ``images`` ``[B, C, H, W]`` with probability ``op.p``,
+    computing it on the chosen images only. Returns a new tensor (``images`` is not modified)."""
+    p = float(op.p)
+    if p <= 0.0 or images.shape[0] == 0:
+        return images
+    if p >= 1.0:
+        return op(images)
+    chosen = (torch.rand(images.shape[0], device=images.device) < p).nonzero().flatten()
+    if chosen.numel() == 0:
+        return images
+    op.p = 1.0
+    try:
+        changed = op(images[chosen])
+    finally:
+        op.p = p
+    return images.index_copy(0, chosen, changed.to(images.dtype))
+
+
 def _dry_run(op: nn.Module, where: str) -> None:
     """Apply ``op`` to a small RGB batch, so that parameters kornia checks only when it runs
     (e.g. an even blur kernel) are refused at construction; the global RNG state is kept."""
@@ -153,8 +180,9 @@ class BatchAugment(nn.Module):
 
     Args:
         ops: kornia augmentation modules (``kornia.augmentation.*`` or the two in this module),
-            applied in order through ``kornia.augmentation.AugmentationSequential``. Each op's own
-            ``p`` is the probability that it is applied to each image. Empty: identity + clamp.
+            held in a ``kornia.augmentation.AugmentationSequential`` and applied in order. Each
+            op's own ``p`` is the probability that it is applied to each image (see
+            :func:`apply_gated`). Empty: identity + clamp.
         p: the configured default probability, the one the YAML's ops interpolate
             (``p: ${...p}``); checked and shown, the ops' own ``p`` are the ones used.
 
@@ -203,8 +231,8 @@ class BatchAugment(nn.Module):
         shape, dtype = x.shape, x.dtype
         work_dtype = dtype if dtype in (torch.float32, torch.float64) else torch.float32
         imgs = x.reshape(-1, *shape[-3:]).to(work_dtype)
-        if len(self.sequence) and imgs.shape[0]:
-            imgs = self.sequence(imgs)
+        for op in self.sequence.children():  # see the module docstring: chosen images only
+            imgs = apply_gated(op, imgs)
         return imgs.clamp(0.0, 1.0).to(dtype).reshape(shape)
 
     def extra_repr(self) -> str:
