@@ -14,15 +14,17 @@ from hydra.core.config_store import ConfigStore
 
 
 def register_schemas() -> None:
-    """Store every command's schema in Hydra's ConfigStore (idempotent; call before composing)."""
-    from hlss.schemas.eval import EvalConfig
-    from hlss.schemas.train import TrainConfig
+    """Store every command's schema in Hydra's ConfigStore (idempotent; call before composing).
+
+    Each module of this package that defines ``register(store)`` adds its own schemas, so a new
+    command brings its schema module and nothing else changes here.
+    """
+    import importlib
+    import pkgutil
 
     store = ConfigStore.instance()
-    store.store(name="train_schema", node=TrainConfig)
-    store.store(name="eval_schema", node=EvalConfig)
-    try:  # the smaller commands' schemas (hlss-synth, hlss-validate, hlss-demo)
-        from hlss.schemas.tools import register_tool_schemas
-    except ImportError:
-        return
-    register_tool_schemas(store)
+    for info in sorted(pkgutil.iter_modules(__path__), key=lambda m: m.name):
+        module = importlib.import_module(f"{__name__}.{info.name}")
+        register = getattr(module, "register", None)
+        if callable(register):
+            register(store)

@@ -73,3 +73,8 @@ class EvalConfig:
     probe: ProbeConfig = field(default_factory=ProbeConfig)
     mlflow: MLflowConfig = field(default_factory=MLflowConfig)
     dataset: Any = None
+
+
+def register(store) -> None:
+    """Store :class:`EvalConfig` as ``eval_schema``."""
+    store.store(name="eval_schema", node=EvalConfig)

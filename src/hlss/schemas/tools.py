@@ -62,7 +62,7 @@ class DemoConfig:
     seed: int = 0
 
 
-def register_tool_schemas(store: ConfigStore) -> None:
+def register(store: ConfigStore) -> None:
     """Store the three schemas as ``synth_schema``, ``validate_schema`` and ``demo_schema``."""
     store.store(name="synth_schema", node=SynthConfig)
     store.store(name="validate_schema", node=ValidateConfig)

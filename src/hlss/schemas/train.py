@@ -38,3 +38,8 @@ class TrainConfig:
     callbacks: Any = None
     logger: Any = None
     loader: Any = None
+
+
+def register(store) -> None:
+    """Store :class:`TrainConfig` as ``train_schema``."""
+    store.store(name="train_schema", node=TrainConfig)
