@@ -221,15 +221,17 @@ def test_callbacks_added_and_dropped_from_the_command_line(tmp_path):
     from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
 
     from hlss.train.callbacks import BatchRecord
+    from hlss.train.progress import StepProgressBar
 
     def kinds(*overrides):
         return [type(c) for c in build_callbacks(train_cfg(tmp_path, *overrides))]
 
-    assert kinds() == [ModelCheckpoint, LearningRateMonitor]
-    assert kinds("~callbacks.lr_monitor") == [ModelCheckpoint]
+    assert kinds() == [ModelCheckpoint, LearningRateMonitor, StepProgressBar]
+    assert kinds("~callbacks.lr_monitor") == [ModelCheckpoint, StepProgressBar]
     assert kinds("callbacks=[default,batch_record]") == [
         ModelCheckpoint,
         LearningRateMonitor,
+        StepProgressBar,
         BatchRecord,
     ]
     assert kinds("callbacks=none") == []

@@ -103,3 +103,20 @@ def test_artifact_location_beside_a_sqlite_store(tmp_path):
     uri = f"sqlite:///{tmp_path}/store/mlruns.db"
     assert artifact_location(uri) == str(tmp_path / "store" / "mlartifacts")
     assert artifact_location("http://server:5000") is None
+
+
+def test_settings_are_params_once_and_tags_follow_the_latest(tmp_path, caplog):
+    uri = _store(tmp_path)
+    prepare_tracking_uri(uri)
+    client = MlflowClient(tracking_uri=uri)
+    run_id = client.create_run(client.create_experiment("train")).info.run_id
+    client.log_param(run_id, "trainer/max_steps", "10")  # the training run's own params stay
+    sink = EvalSink(uri, run_id, "hlss-eval", "x")
+    sink.log_settings({"eval.k": "200"}, {"eval.backend": "faiss", "eval.ckpt": "a.ckpt"})
+    sink.log_settings({"eval.k": "200", "eval.k20.k": "20"}, {"eval.ckpt": "b.ckpt"})
+    with caplog.at_level(logging.WARNING, logger="hlss.tracking"):
+        sink.log_settings({"eval.k": "50"}, {})  # a param never changes: warned, not raised
+    assert "eval.k" in caplog.text and "'200'" in caplog.text
+    data = client.get_run(run_id).data
+    assert data.params == {"trainer/max_steps": "10", "eval.k": "200", "eval.k20.k": "20"}
+    assert data.tags["eval.ckpt"] == "b.ckpt" and data.tags["eval.backend"] == "faiss"

@@ -65,7 +65,11 @@ def register_resolvers() -> None:
     """``${abspath:rel}``: a path made absolute against the directory the command runs in;
     ``${auto_precision:}``: the trainer precision for this machine
     (:func:`hlss.devices.auto_precision`)."""
-    from hlss.devices import auto_precision
+
+    def auto_precision() -> str:  # torch is imported when the value is read, not before
+        from hlss.devices import auto_precision as choose
+
+        return choose()
 
     OmegaConf.register_new_resolver(
         "abspath", lambda p: os.path.abspath(os.path.expanduser(str(p))), replace=True

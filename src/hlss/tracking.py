@@ -108,6 +108,24 @@ class EvalSink:
         ]
         self.client.log_batch(self.run_id, metrics=batch)
 
+    def log_settings(self, params: Mapping[str, str], tags: Mapping[str, str]) -> None:
+        """Log ``params`` and set ``tags`` (a later evaluation overwrites them) in one batch.
+
+        Params of a run cannot change once set: a key the run already has is not logged again
+        (a different value only warns, naming the key and both values).
+        """
+        from mlflow.entities import Param, RunTag
+
+        known = self.client.get_run(self.run_id).data.params
+        for key, value in params.items():
+            if key in known and known[key] != str(value):
+                log.warning("MLflow param %s stays %r (not %r)", key, known[key], str(value))
+        self.client.log_batch(
+            self.run_id,
+            params=[Param(k, str(v)) for k, v in params.items() if k not in known],
+            tags=[RunTag(k, str(v)) for k, v in tags.items()],
+        )
+
     def log_folder(self, folder: str) -> None:
         """Upload ``folder`` as the run's artifacts under ``eval/<folder name>``."""
         self.client.log_artifacts(

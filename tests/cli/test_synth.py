@@ -70,3 +70,17 @@ def test_refuses_a_non_empty_out_and_leaves_it_alone(tmp_path):
     line = one_error_line(console("hlss-synth", "out=ds", *TINY, cwd=tmp_path))
     assert "already exists" in line
     assert os.listdir(tmp_path / "ds") == ["mine.txt"]
+
+
+def test_counts_the_files_written_when_output_is_not_a_terminal(tmp_path, monkeypatch):
+    monkeypatch.delenv("HLSS_PROGRESS", raising=False)
+    monkeypatch.setenv("HLSS_PROGRESS_EVERY", "0")  # a line per file; default: every 10% / 30 s
+    proc = console("hlss-synth", "out=ds", *TINY, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stderr.splitlines()
+    # 14 patients x 2 slides x (1 + 1 nondiagnostic) patches
+    assert lines[0].startswith("writing synthetic patches 1/56 files (2%) |")
+    assert "files/s" in lines[0] and "ETA" in lines[0]
+    assert lines[-1].startswith("writing synthetic patches 56/56 files (100%) done in")
+    assert "\r" not in proc.stderr  # lines, not a bar
+    assert proc.stdout.startswith(f"wrote {tmp_path / 'ds'}:")

@@ -52,7 +52,8 @@ def test_help_describes_the_command_and_its_keys(tmp_path):
     for field in dataclasses.fields(ValidateConfig):
         assert f"\n  {field.name} " in text, field.name
     assert "[7]" in text and "[4]" not in text  # the workers in effect, not the default
-    assert "Exit status: 0 trainable" in text and "hlss-validate root=" in text
+    assert "Exit status: 0 clean or warnings only, 1 an error" in text
+    assert "hlss-validate root=" in text
     assert "Config groups" not in text and "Powered by Hydra" not in text
     assert os.listdir(tmp_path) == []
 
@@ -78,3 +79,32 @@ def test_bad_input_is_one_line(dataset, tmp_path, args, names):
 def test_missing_root_is_one_line(tmp_path):
     line = one_error_line(console("hlss-validate", "workers=0", cwd=tmp_path))
     assert "root" in line and "required" in line and "root=..." in line
+
+
+def test_dropped_data_exits_1_and_warnings_fail_only_under_strict(dataset, tmp_path):
+    with open(os.path.join(dataset, META_FILE), encoding="utf-8") as handle:
+        meta = json.load(handle)
+    # a patient in neither split: a warning only
+    warned = tmp_path / "warned.json"
+    warned.write_text(json.dumps({**meta, "NIO_999": next(iter(meta.values()))}))
+    args = (f"root={dataset}", "workers=0", f"meta_file={warned}")
+    proc = console("hlss-validate", *args, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert "verdict: TRAINABLE (1 warning(s))" in proc.stdout
+    proc = console("hlss-validate", *args, "strict=true", cwd=tmp_path)
+    assert proc.returncode == 1, proc.stderr
+    assert "verdict: TRAINABLE (1 warning(s))" in proc.stdout and "strict=true" in proc.stdout
+
+    # a listed file that is not there: training would drop it, so the check fails
+    entry = next(iter(meta.values()))
+    slide = next(iter(entry["slides"].values()))
+    key = next(k for k, v in slide.items() if isinstance(v, list) and v)
+    slide[key].append("studies/nowhere/gone.tif")
+    dropped = tmp_path / "dropped.json"
+    dropped.write_text(json.dumps(meta))
+    proc = console(
+        "hlss-validate", f"root={dataset}", "workers=0", f"meta_file={dropped}", cwd=tmp_path
+    )
+    assert proc.returncode == 1, proc.stderr
+    assert "missing_file" in proc.stdout and "verdict: TRAINABLE after cleaning" in proc.stdout
+    assert "clean_out=DIR" in proc.stdout and "Traceback" not in proc.stderr

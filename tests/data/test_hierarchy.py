@@ -260,6 +260,21 @@ def test_sampler_skip_resumes_mid_epoch():
     labels = np.arange(9) % 3
     full = list(HierarchicalSampler(labels, seed=2))
     sampler = HierarchicalSampler(labels, seed=2)
-    sampler.skip_items = 4
+    sampler.resume(epoch=0, items=4)
+    assert sampler.start_item() == 4
     assert list(sampler) == full[4:]
     assert list(sampler) == full  # the skip applies once
+
+
+def test_sampler_resume_applies_to_its_epoch_only():
+    labels = np.arange(9) % 3
+    reference = HierarchicalSampler(labels, seed=2)
+    reference.set_epoch(1)
+    epoch1 = list(reference)
+    sampler = HierarchicalSampler(labels, seed=2)
+    sampler.resume(epoch=0, items=9)  # saved at the very end of epoch 0
+    sampler.set_epoch(1)  # Lightning moves on to epoch 1
+    assert sampler.start_item() == 0
+    assert list(sampler) == epoch1
+    with pytest.raises(ConfigError):
+        sampler.resume(epoch=0, items=-1)

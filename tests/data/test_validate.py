@@ -12,6 +12,7 @@ import pytest
 from hlss import CLASSES_OPENSRH
 from hlss.cli.validate import main as cli_main
 from hlss.data.opensrh import read_opensrh
+from hlss.data.report import Finding
 from hlss.data.validate import validate_opensrh
 from hlss.errors import HLSSError
 
@@ -409,9 +410,12 @@ def test_cli_exit_codes_and_report(fx, tmp_path, capsys):
     rel = fx.used_patches()[3]
     fx.break_patch(rel, "channel_last")
     out = tmp_path / "clean"
-    assert cli_main([f"root={fx.root}", f"clean_out={out}", "expected_size=16"]) == 0
+    # an error: training would drop the file, so the check fails (1) though the verdict says how
+    # to train after cleaning, and the cleaned copy is written
+    assert cli_main([f"root={fx.root}", f"clean_out={out}", "expected_size=16"]) == 1
     text = capsys.readouterr().out
     assert rel in text and "channel_last" in text
+    assert "verdict: TRAINABLE after cleaning" in text
     assert (out / "opensrh.json").is_file()
     assert "dataset.table.meta_file=" in text
 
@@ -431,13 +435,39 @@ def test_cli_exit_codes_and_report(fx, tmp_path, capsys):
         assert err.startswith("error: ") and err.count("\n") == 1, err
 
 
+@pytest.mark.parametrize(
+    ("strict", "expected"), [("strict=false", 0), ("strict=true", 1)], ids=["lenient", "strict"]
+)
+def test_cli_warnings_only_fail_under_strict(fx, capsys, strict, expected):
+    add_patient(fx, "NIO_905", like=fx.patients("hgg", "train")[0], parts=())  # a warning
+    assert cli_main([f"root={fx.root}", "workers=0", strict]) == expected
+    out = capsys.readouterr().out
+    assert "verdict: TRAINABLE (1 warning(s))" in out
+    assert ("strict=true: the 1 warning(s) fail the check" in out) == (expected == 1)
+
+
+def test_cli_clean_dataset_passes_under_strict(fx, capsys):
+    assert cli_main([f"root={fx.root}", "workers=0", "strict=true"]) == 0
+    assert capsys.readouterr().out.splitlines()[-1] == "verdict: TRAINABLE"
+
+
+def test_exit_status_follows_the_severities(fx):
+    report = validate_opensrh(fx.root, check_images=False)
+    assert (report.exit_status(), report.exit_status(strict=True)) == (0, 0)
+    report.findings.append(Finding.of("not_in_split", "unused", patient="NIO_905"))
+    assert (report.exit_status(), report.exit_status(strict=True)) == (0, 1)
+    report.findings.append(Finding.of("missing_file", "gone", path="a.tif"))
+    assert report.trainable  # an error that cleaning removes still fails the check
+    assert (report.exit_status(), report.exit_status(strict=True)) == (1, 1)
+
+
 def test_cli_subprocess_malformed_json_exits_1_without_traceback(fx):
     fx.write_raw_meta("{ not json")
     proc = subprocess.run(
         [sys.executable, "-m", "hlss.cli.validate", f"root={fx.root}"],
         capture_output=True,
         text=True,
-        timeout=120,
+        timeout=300,
     )
     assert proc.returncode == 1, proc.stderr
     assert "Traceback" not in proc.stderr + proc.stdout

@@ -258,3 +258,35 @@ def test_load_embedding_set_rejects_other_folders(tmp_path):
     with pytest.raises(HLSSError) as err:
         load_embedding_set(str(tmp_path))
     assert "not an embedding set" in _one_line(err)
+
+
+def test_embedding_reports_progress_lines_when_not_a_terminal(
+    trained, data, tmp_path, monkeypatch, capsys, caplog
+):
+    import logging
+
+    caplog.set_level(logging.INFO, logger="hlss.progress")  # as under hlss-eval's logging
+    model, info = trained
+    table, transform = data
+    monkeypatch.delenv("HLSS_PROGRESS", raising=False)  # auto: captured output is no terminal
+    monkeypatch.setenv("HLSS_PROGRESS_EVERY", "0")
+    n = len(table)
+    embed_table(
+        model,
+        table,
+        transform,
+        str(tmp_path / "emb"),
+        batch_size=4,
+        device="cpu",
+        checkpoint=info["checkpoint"],
+        extra={"split": "val"},
+    )
+    lines = [r.getMessage() for r in caplog.records if r.name == "hlss.progress"]
+    name = os.path.basename(info["checkpoint"])
+    assert lines[0].startswith(f"embedding val ({name}) 4/{n} patches")
+    assert lines[-1].startswith(f"embedding val ({name}) {n}/{n} patches (100%) done in")
+    assert "Predicting" not in capsys.readouterr().err  # Lightning's bar: terminals only
+    # progress_bar=False: nothing at all
+    caplog.clear()
+    embed_table(model, table, transform, str(tmp_path / "quiet"), device="cpu", progress_bar=False)
+    assert not [r for r in caplog.records if r.name == "hlss.progress"]

@@ -10,6 +10,7 @@ import sys
 
 import pandas as pd
 import pytest
+from omegaconf import OmegaConf
 
 from hlss.cli import eval as eval_cli
 from hlss.eval.embed import default_cache_root
@@ -132,32 +133,88 @@ def test_untrained_baseline(tiny_run, tmp_path):
     assert len(pd.read_csv(tmp_path / "u" / "metrics.csv")) == 1
 
 
-def test_eval_logs_to_the_training_run(tmp_path, monkeypatch):
+def test_evals_of_other_settings_log_side_by_side_in_the_training_run(tmp_path, monkeypatch):
+    from mlflow.tracking import MlflowClient
+
     from tests.train.helpers import TINY, run_train, summaries
 
     monkeypatch.chdir(tmp_path)
     run_train(*TINY, "trainer.max_steps=1")
     (summary,) = summaries(str(tmp_path / "outputs"))
-    run_eval(
+    common = [
         f"ckpt={summary['last_checkpoint']}",
-        f"out={tmp_path / 'ev'}",
         "zero_shot.enabled=false",
         "explain.enabled=false",
-        *FAST,
-    )
+        *[a for a in FAST if not a.startswith("knn.k")],
+    ]
+    run_eval(*common, f"out={tmp_path / 'ev'}")  # the default k=200: the short names
+    run_eval(*common, f"out={tmp_path / 'k20'}", "knn.k=20", "probe.enabled=false")
+    run_eval(*common, f"out={tmp_path / 'k20m'}", "knn.k=20", "aggregate=mean_embedding")
     db = tmp_path / "outputs" / "mlruns.db"
+    run_id = summary["mlflow_run_id"]
     with sqlite3.connect(db) as con:
         rows = con.execute(
-            "select key, step from metrics where run_uuid=? and key like 'eval/%'",
-            (summary["mlflow_run_id"],),
+            "select key, step from metrics where run_uuid=? and key not like 'train%'",
+            (run_id,),
         ).fetchall()
         artifacts_uri = con.execute(
-            "select artifact_uri from runs where run_uuid=?", (summary["mlflow_run_id"],)
+            "select artifact_uri from runs where run_uuid=?", (run_id,)
         ).fetchone()[0]
     keys = {k for k, _ in rows}
     assert {"eval/patch_acc", "eval/slide_mca", "eval/patient_map", "eval/patient_acc"} <= keys
-    assert {s for _, s in rows} == {1}  # logged at the checkpoint's step
-    assert artifacts_uri  # artifacts went to the same run
+    assert {"eval/k20_softmax_sum/patch_acc", "eval/k20_mean_embedding/patient_acc"} <= keys
+    assert {"probe/it20/patient_acc"} <= keys  # probe.max_iter=20 is not the default
+    assert {s for k, s in rows if k.startswith(("eval", "probe"))} == {1}  # the checkpoint's step
+    knn_rows = [k for k, _ in rows if k.startswith("eval")]
+    assert len(knn_rows) == len(set(knn_rows))  # three settings, three names: nothing overwritten
+    assert artifacts_uri.startswith(str(tmp_path / "outputs" / "mlartifacts"))  # beside the store
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{db}")
+    run = client.get_run(run_id)
+    params, tags = run.data.params, run.data.tags
+    assert params["eval.k"] == "200" and params["eval.k20_softmax_sum.k"] == "20"
+    assert params["eval.k20_mean_embedding.aggregate"] == "mean_embedding"
+    assert params["probe.it20.max_iter"] == "20"
+    assert tags["eval.k20_mean_embedding.ckpt"] == os.path.abspath(summary["last_checkpoint"])
+    assert tags["eval.k20_mean_embedding.out"] == str(tmp_path / "k20m")
+    uploaded = {a.path for a in client.list_artifacts(run_id, "eval/k20")}
+    assert {"eval/k20/config.yaml", "eval/k20/summary.json", "eval/k20/metrics.json"} <= uploaded
+
+    written = json.loads((tmp_path / "k20m" / "summary.json").read_text())
+    assert written["metric_prefixes"]["knn"] == "eval/k20_mean_embedding"
+    assert written["mlflow"]["run_id"] == run_id
+    settings = OmegaConf.load(tmp_path / "k20m" / "config.yaml")
+    assert settings.knn.k == 20 and settings.aggregate == "mean_embedding"
+    assert settings.knn.backend == "auto" and settings.untrained is False
+    assert settings.ckpt == os.path.abspath(summary["last_checkpoint"])
+    assert settings.dataset.name == "synthetic"  # the training run's dataset, spelled out
+
+
+def test_summary_lists_every_file_and_every_metric_file_has_its_step(tiny_run, tmp_path):
+    out = tmp_path / "ev"
+    run_eval(f"ckpt={tiny_run['run_dir']}", f"out={out}", "mlflow.enabled=false", *FAST)
+    summary = json.loads((out / "summary.json").read_text())
+    on_disk = {str(p) for p in out.rglob("*") if p.is_file()}
+    assert set(summary["files"].values()) == on_disk
+    assert {"config", "summary", "metrics_table", "zero_shot/metrics", "probe/predictions"} <= set(
+        summary["files"]
+    )
+    assert summary["files"]["attributes"] == str(out / "attributes.csv")
+    step = summary["step"]
+    assert step == 2
+    for name in ("metrics.json", "zero_shot/metrics.json", "probe/metrics.json"):
+        assert json.loads((out / name).read_text())["step"] == step, name
+    assert pd.read_csv(out / "metrics.csv")["step"].iloc[-1] == step
+    assert json.loads((out / "steps" / "step-0000002" / "metrics.json").read_text())["step"] == step
+    # zero-shot and attributes embed the val split only (the train split is never read there)
+    root = os.path.join(default_cache_root(), "embeddings")
+    text_splits = set()
+    for key in embedding_sets():
+        with open(os.path.join(root, key, "manifest.json"), encoding="utf-8") as handle:
+            manifest = json.load(handle)
+        if manifest["checkpoint"] == summary["checkpoint"] and manifest["source"] == "text_space":
+            text_splits.add(manifest["split"])
+    assert text_splits == {"val"}
 
 
 @pytest.mark.parametrize("problem", ["missing", "corrupt", "not_empty_out"])

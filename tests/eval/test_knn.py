@@ -109,7 +109,9 @@ def test_k_capped_and_batching(backend):
     assert sims.shape == idx.shape == (30, 12)
     small = knn_scores(bank, labels, queries, c, k=5, backend=backend, batch_size=7)
     big = knn_scores(bank, labels, queries, c, k=5, backend=backend, batch_size=4096)
-    np.testing.assert_array_equal(small, big)
+    # the same scores up to float rounding: BLAS may sum in another order for another batch size
+    # (or thread count), so bit-equality is not promised
+    np.testing.assert_allclose(small, big, rtol=1e-5, atol=1e-6)
 
 
 def test_torch_blocked_scan_matches(monkeypatch):
@@ -127,8 +129,11 @@ def test_torch_blocked_scan_matches(monkeypatch):
 def test_index_reuse_and_empty_queries():
     bank, labels, queries, c = random_problem(seed=11)
     index = KNNIndex(bank, labels, c, backend="faiss")
-    np.testing.assert_array_equal(
-        index.scores(queries, k=10), knn_scores(bank, labels, queries, c, k=10, backend="faiss")
+    np.testing.assert_allclose(
+        index.scores(queries, k=10),
+        knn_scores(bank, labels, queries, c, k=10, backend="faiss"),
+        rtol=1e-5,
+        atol=1e-6,
     )
     assert index.scores(queries[:0], k=10).shape == (0, c)
     sims, idx = index.search(queries[:0], k=10)

@@ -12,6 +12,7 @@ from hlss.errors import HLSSError
 from hlss.eval.writers import (
     prepare_out,
     run_folder,
+    write_config,
     write_level_outputs,
     write_metrics_table,
     write_step_metrics,
@@ -66,7 +67,9 @@ def test_level_outputs(tmp_path):
 
 def test_metrics_table_step_metrics_and_summary(tmp_path):
     row = {"step": 1, "epoch": 0, "patch_acc": 0.5, "slide_acc": 0.6, "patient_acc": 0.7}
-    assert write_metrics_table(str(tmp_path), [row]) == {}
+    assert write_metrics_table(str(tmp_path), [row]) == {
+        "metrics_table": str(tmp_path / "metrics.csv")
+    }  # no curve for one checkpoint
     assert not (tmp_path / "accuracy_vs_step.png").exists()
     files = write_metrics_table(str(tmp_path), [row, {**row, "step": 2}])
     assert files["accuracy_curve"] == str(tmp_path / "accuracy_vs_step.png")
@@ -84,3 +87,20 @@ def test_metrics_table_step_metrics_and_summary(tmp_path):
 
     write_summary(str(tmp_path), {"out": str(tmp_path), "attribute_examples": "text"})
     assert json.loads((tmp_path / "summary.json").read_text()) == {"out": str(tmp_path)}
+
+    files = {"metrics_table": str(tmp_path / "metrics.csv")}
+    path = write_summary(str(tmp_path), {"out": str(tmp_path), "files": files})
+    assert json.loads((tmp_path / "summary.json").read_text())["files"] == {
+        **files,
+        "summary": path,  # the summary lists itself
+    }
+    assert files == {"metrics_table": str(tmp_path / "metrics.csv")}  # the caller's is untouched
+
+
+def test_config_yaml_round_trips(tmp_path):
+    from omegaconf import OmegaConf
+
+    settings = {"ckpt": "/r/last.ckpt", "knn": {"k": 20, "temperature": 0.07}, "dataset": None}
+    path = write_config(str(tmp_path), settings)
+    assert path == str(tmp_path / "config.yaml")
+    assert OmegaConf.to_container(OmegaConf.load(path)) == settings

@@ -88,6 +88,26 @@ def test_schedule_follows_formula(total, fraction, min_ratio):
     assert opt.param_groups[0]["lr"] == pytest.approx(lr * min_ratio, abs=1e-9)
 
 
+def test_extended_run_follows_the_longer_schedule():
+    """Resuming with a larger total (trainer.max_steps extended) continues on the new schedule,
+    not on the old one restored from the checkpoint."""
+    params = [torch.nn.Parameter(torch.zeros(1))]
+    opt, sched = adamw_warmup_cosine(params, total_steps=4, lr=0.1, warmup_fraction=0.25)
+    for _ in range(3):
+        opt.step()
+        sched.step()
+    opt2, sched2 = adamw_warmup_cosine(params, total_steps=40, lr=0.1, warmup_fraction=0.25)
+    opt2.load_state_dict(opt.state_dict())
+    sched2.load_state_dict(sched.state_dict())
+    rates = []
+    for _ in range(10):
+        opt2.step()
+        sched2.step()
+        rates.append(opt2.param_groups[0]["lr"])
+    expected = [0.1 * warmup_cosine_factor(s, 40, 10) for s in range(4, 14)]
+    assert rates == pytest.approx(expected, rel=1e-6)
+
+
 def test_schedule_state_round_trips():
     """The scheduler resumes from its state dict at the same learning rate (checkpoints)."""
     params = [torch.nn.Parameter(torch.zeros(1))]

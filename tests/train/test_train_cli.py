@@ -65,6 +65,9 @@ def test_resume_continues_same_batches(in_tmp):
     )
     (resumed,) = summaries(str(in_tmp / "resumed"))
     assert resumed["global_step"] == 4
+    # a branch from an earlier step gets its own folder: the full run's files stay as they were
+    assert resumed["output_dir"].startswith(str(in_tmp / "resumed"))
+    assert [b["step"] for b in read_batches(full["output_dir"])] == [1, 2, 3, 4]
     resumed_batches = read_batches(resumed["output_dir"])
     assert [b["step"] for b in resumed_batches] == [3, 4]
     # the resumed run draws exactly what the uninterrupted run drew at steps 3 and 4
@@ -76,15 +79,28 @@ def test_resume_continues_same_batches(in_tmp):
 
 def test_resume_auto_and_bad_resume(in_tmp, capsys):
     run_train(*TINY, *NO_LOGGER, "loss=hidisc")
+    (first,) = summaries(str(in_tmp / "outputs"))
     run_train(*TINY, *NO_LOGGER, "loss=hidisc", "trainer.max_steps=3", "resume=auto")
+    # the resumed run continues in the original run folder: one run, its summary updated
     runs = summaries(str(in_tmp / "outputs"))
-    assert [r["global_step"] for r in runs] == [2, 3]
+    assert [r["global_step"] for r in runs] == [3]
+    assert runs[0]["output_dir"] == first["output_dir"]
+    ckpts = os.listdir(os.path.join(first["output_dir"], "checkpoints"))
+    assert "step-0000003.ckpt" in ckpts
+    assert os.path.isfile(os.path.join(first["output_dir"], "config-resume-1.yaml"))
     capsys.readouterr()
     with pytest.raises(SystemExit) as exc:
         run_train(*TINY, *NO_LOGGER, "resume=" + str(in_tmp / "missing.ckpt"))
     assert exc.value.code == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert err == [f"error: resume={in_tmp / 'missing.ckpt'}: checkpoint not found"]
+
+
+def test_resume_auto_before_any_checkpoint_starts_a_new_run(in_tmp):
+    """A SLURM job requeued with the same command: the first start has nothing to resume."""
+    run_train(*TINY, *NO_LOGGER, "loss=hidisc", "resume=auto")
+    (summary,) = summaries(str(in_tmp / "outputs"))
+    assert summary["global_step"] == 2
 
 
 def test_corrupt_resume_checkpoint(in_tmp, capsys):
@@ -145,7 +161,7 @@ def test_lone_checkpoint_carries_resolved_config(in_tmp):
 def test_console_script_refuses_bad_override_in_one_line(in_tmp, override, expected):
     """As a user runs it: the console script, another directory, output not a terminal."""
     exe = os.path.join(os.path.dirname(sys.executable), "hlss-train")
-    proc = subprocess.run([exe, override], capture_output=True, text=True, cwd=in_tmp, timeout=120)
+    proc = subprocess.run([exe, override], capture_output=True, text=True, cwd=in_tmp, timeout=300)
     assert proc.returncode == 2, proc.stderr
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith(expected), proc.stderr
@@ -154,7 +170,7 @@ def test_console_script_refuses_bad_override_in_one_line(in_tmp, override, expec
 
 def test_help_describes_the_command(in_tmp):
     exe = os.path.join(os.path.dirname(sys.executable), "hlss-train")
-    proc = subprocess.run([exe, "--help"], capture_output=True, text=True, cwd=in_tmp, timeout=120)
+    proc = subprocess.run([exe, "--help"], capture_output=True, text=True, cwd=in_tmp, timeout=300)
     assert proc.returncode == 0
     assert proc.stdout.startswith("hlss-train: train")
     for group in ("loss_levels: equal", "callbacks: ", "model: hidisc, hlss"):
@@ -195,7 +211,7 @@ def test_unknown_override_is_one_line(in_tmp):
         capture_output=True,
         text=True,
         cwd=in_tmp,
-        timeout=120,
+        timeout=300,
     )
     assert proc.returncode != 0
     assert "no_such_key" in proc.stderr and "Traceback" not in proc.stderr
@@ -215,7 +231,7 @@ def test_cfg_job_from_any_directory(in_tmp):
         capture_output=True,
         text=True,
         cwd=in_tmp,
-        timeout=120,
+        timeout=300,
     )
     assert proc.returncode == 0, proc.stderr
     assert "root: /x" in proc.stdout and "_target_: hlss.data.opensrh.read_opensrh" in proc.stdout

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import logging
 import os
 import sys
 from collections.abc import Callable, Iterator, Sequence
@@ -22,7 +23,8 @@ def _last_line(err: Exception) -> str:
 
 def report_errors(func: Callable, *args, **kwargs):
     """Run ``func``; a user error (:class:`HLSSError` or a config problem) becomes one stderr line
-    and exit status 2. For Hydra task functions, where Hydra would print its own multi-line report."""
+    (also written to the run's log file, when Hydra keeps one) and exit status 2. For Hydra task
+    functions, where Hydra would print its own multi-line report."""
     from omegaconf.errors import OmegaConfBaseException
 
     from hlss.config import config_message
@@ -30,11 +32,24 @@ def report_errors(func: Callable, *args, **kwargs):
     try:
         return func(*args, **kwargs)
     except OmegaConfBaseException as err:
-        print(f"error: {config_message(err)}", file=sys.stderr)
-        raise SystemExit(EXIT_USER_ERROR) from None
+        line = config_message(err)
     except HLSSError as err:
-        print(f"error: {_last_line(err)}", file=sys.stderr)
-        raise SystemExit(EXIT_USER_ERROR) from None
+        line = _last_line(err)
+    print(f"error: {line}", file=sys.stderr)
+    log_to_files(f"error: {line}")
+    raise SystemExit(EXIT_USER_ERROR) from None
+
+
+def log_to_files(message: str, level: int = logging.ERROR) -> None:
+    """Write ``message`` as a record of the ``hlss`` logger to the log files only (the handlers
+    that write a file: Hydra's ``<job>.log`` in the run folder), not to the console, where the
+    caller has printed it already. Nothing happens when no log file is configured."""
+    logger = logging.getLogger("hlss")
+    record = logger.makeRecord(logger.name, level, __file__, 0, message, (), None)
+    handlers = [*logging.getLogger().handlers, *logger.handlers]
+    for handler in dict.fromkeys(handlers):
+        if isinstance(handler, logging.FileHandler) and level >= handler.level:
+            handler.handle(record)
 
 
 NOISE = (
@@ -106,12 +121,57 @@ def run_hydra_command(app: Callable[[], Any]) -> None:
             os.environ["HYDRA_FULL_ERROR"] = user_setting
 
 
-def quiet_libraries() -> None:
-    """Silence start-up chatter of libraries (FAISS's loader, sentence-transformers) below WARNING."""
-    import logging
+class DropMessages(logging.Filter):
+    """A logger filter that drops the records whose message starts with one of ``starts``."""
 
-    for name in ("faiss.loader", "sentence_transformers"):
-        logging.getLogger(name).setLevel(logging.WARNING)
+    def __init__(self, *starts: str) -> None:
+        super().__init__()
+        self.starts = starts
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith(self.starts)
+
+
+# logger -> the messages of it that a user has nothing to do with
+CHATTER = {
+    # Lightning's adverts for its cloud products, and accelerators that are not there
+    "lightning.pytorch.utilities.rank_zero": DropMessages(
+        "💡 Tip:", "TPU available: False", "HPU available: False"
+    ),
+    "lightning.fabric.utilities.rank_zero": DropMessages("💡 Tip:"),
+    # the first run into a store creates the experiment: expected, not a warning
+    "lightning.pytorch.loggers.mlflow": DropMessages("Experiment with name "),
+}
+
+# logger -> the lowest level shown: start-up chatter below it
+QUIET_LEVELS = {
+    "faiss.loader": logging.WARNING,
+    "sentence_transformers": logging.WARNING,
+    "mlflow.store.db.utils": logging.WARNING,  # "Creating initial MLflow database tables..."
+    "alembic": logging.WARNING,  # schema migrations of the sqlite store
+}
+
+# (message regex, category, module regex) of dependency warnings a user cannot act on
+DEPENDENCY_WARNINGS = (
+    # torch deprecates LeafSpec; Lightning's own pytree helper still uses it
+    (r"`isinstance\(treespec, LeafSpec\)` is deprecated", FutureWarning, r"lightning\."),
+)
+
+
+def quiet_libraries() -> None:
+    """Keep the console to what a user needs: start-up chatter of libraries (FAISS's loader,
+    sentence-transformers, MLflow's database set-up) below WARNING, Lightning's tips and the
+    MLflow logger's "Experiment ... not found. Creating it." dropped by message, and the
+    dependency deprecation warnings of :data:`DEPENDENCY_WARNINGS` ignored (matched by
+    message, category and module; every other warning still shows). Safe to call again."""
+    import warnings
+
+    for name, level in QUIET_LEVELS.items():
+        logging.getLogger(name).setLevel(level)
+    for name, drop in CHATTER.items():
+        logging.getLogger(name).addFilter(drop)  # a filter already there is not added twice
+    for message, category, module in DEPENDENCY_WARNINGS:
+        warnings.filterwarnings("ignore", message=message, category=category, module=module)
 
 
 def user_errors_exit(func: Callable[..., int | None]) -> Callable[..., int | None]:

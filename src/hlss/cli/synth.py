@@ -3,6 +3,9 @@
 The keys, their defaults and comments are in ``conf/synth.yaml`` (``hlss-synth --help``)::
 
     hlss-synth out=data/synthetic size=64 patients_per_class=3
+
+The files written are counted on stderr (a bar with rate and ETA on a terminal, a line every 10%
+/ 30 s otherwise; see :mod:`hlss.progress`); the summary line goes to stdout.
 """
 
 from __future__ import annotations

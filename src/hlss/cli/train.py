@@ -15,8 +15,9 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
 from hlss.cli.common import quiet_libraries, report_errors, run_hydra_command
-from hlss.config import check_config, register_resolvers
+from hlss.config import check_config, check_schema, register_resolvers
 from hlss.schemas.train import TrainConfig
+from hlss.train.preflight import preflight
 
 
 def single_log_lines() -> None:
@@ -29,10 +30,15 @@ def single_log_lines() -> None:
 
 @hydra.main(config_path="pkg://hlss.conf", config_name="train", version_base="1.3")
 def _train(cfg: DictConfig) -> float | None:
+    # Checks in the order their answers come: the keys (instant); the dataset, the batch and the
+    # resume checkpoint (seconds); then every _target_ against its signature, which imports
+    # Lightning, timm, open_clip and MLflow (10 s and more). No MLflow run exists before they pass.
+    report_errors(check_schema, cfg, TrainConfig)
+    report_errors(preflight, cfg)
+    report_errors(check_config, cfg, TrainConfig)
     from hlss.train.fit import run_training
 
     single_log_lines()
-    report_errors(check_config, cfg, TrainConfig)
     summary = report_errors(run_training, cfg, HydraConfig.get().runtime.output_dir)
     print(json.dumps(summary, indent=1))
     return summary["metrics"].get("train/loss")

@@ -4,8 +4,9 @@ The keys, their defaults and comments are in ``conf/validate.yaml`` (``hlss-vali
 
     hlss-validate root=/data/opensrh [workers=4] [expected_size=300] [clean_out=/tmp/clean]
 
-Exit status: 0 when the dataset is trainable (warnings allowed), 1 when it is not, 2 for usage
-errors (unknown key, bad value, missing root, refusing to overwrite a cleaned copy).
+Exit status: 0 when the report is clean or has warnings only, 1 when it has an error (training
+refuses the dataset as given, or would drop data from it; ``strict=true``: a warning too), 2 for
+usage errors (unknown key, bad value, missing root, refusing to overwrite a cleaned copy).
 
 Only the OpenSRH layout is checked so far; the former ``dataset=opensrh`` key is gone because
 Hydra reads ``dataset=...`` as the choice of the ``dataset`` config group (as in ``hlss-train``),
@@ -54,7 +55,8 @@ def check_arguments(args: ValidateConfig) -> None:
 
 def validate(args: ValidateConfig) -> int:
     """Validate the dataset of ``args``, print the report (and write the cleaned copy when
-    ``clean_out`` is set); return 0 when the dataset is trainable, 1 when it is not.
+    ``clean_out`` is set); return the exit status (:meth:`ValidationReport.exit_status`): 1 on
+    an error (with ``strict``, on a warning too), else 0.
 
     Raises:
         HLSSError: a bad argument, a missing dataset root, an unusable ``clean_out`` (checked
@@ -91,7 +93,10 @@ def validate(args: ValidateConfig) -> int:
                 f"use it with: hlss-train dataset=opensrh dataset.root={root} "
                 f"dataset.table.meta_file={meta_out} dataset.table.split_file={split_out}"
             )
-    return 0 if report.trainable else 1
+    status = report.exit_status(strict=args.strict)
+    if status and not report.errors and report.trainable:
+        print(f"strict=true: the {len(report.warnings)} warning(s) fail the check")
+    return status
 
 
 @user_errors_exit
@@ -99,7 +104,8 @@ def main(argv: list[str] | None = None) -> int:
     """Run ``hlss-validate`` with ``argv`` (default: the process's arguments).
 
     Returns:
-        0 when the dataset is trainable (or after ``--help``), 1 when it is not.
+        0 when the report is clean or has warnings only (or after ``--help``), 1 when it has an
+        error (``strict=true``: a warning too).
 
     Raises:
         SystemExit(2): a usage error or any other :class:`HLSSError` (one line on stderr).

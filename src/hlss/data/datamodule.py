@@ -1,17 +1,84 @@
-"""Lightning data module: patch table -> hierarchy dataset -> loader -> augmentation on device."""
+"""Lightning data module: patch table -> hierarchy dataset -> loader -> augmentation on device.
+
+The training loader is resumable: its position in the epoch is saved in every checkpoint.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import os
+import signal
+from collections.abc import Callable, Iterator
 
 import lightning as L
 import numpy as np
 import torch
+from lightning.fabric.utilities.seed import pl_worker_init_function
 from torch.utils.data import DataLoader
 
 from hlss.data.hierarchy import HierarchicalDataset, HierarchicalSampler
 from hlss.data.table import PatchTable
 from hlss.errors import ConfigError, DataError
+
+# the signals that stop a training run with a checkpoint (hlss.train.preemption)
+STOP_SIGNALS = tuple(
+    getattr(signal, n) for n in ("SIGINT", "SIGTERM", "SIGUSR1") if hasattr(signal, n)
+)
+
+
+def loader_worker_init(worker_id: int) -> None:
+    """Loader workers ignore the stop signals: Ctrl-C reaches the whole process group, and a
+    worker killed by it would fail the batch the main process finishes before its checkpoint.
+    Workers end with the main process. Seeds the worker as Lightning would (``PL_SEED_WORKERS``)."""
+    for signum in STOP_SIGNALS:
+        signal.signal(signum, signal.SIG_IGN)
+    if int(os.environ.get("PL_SEED_WORKERS", 0)):
+        pl_worker_init_function(worker_id)
+
+
+class ResumableLoader(DataLoader):
+    """A loader over a :class:`HierarchicalSampler` whose place in the epoch is training state.
+
+    Lightning stores :meth:`state_dict` in every checkpoint (a loader with ``state_dict`` /
+    ``load_state_dict`` is "resumable" to it) and calls :meth:`load_state_dict` before iterating
+    on resume, so a mid-epoch resume draws exactly the batches an uninterrupted run would draw.
+    The position counts the batches handed to the training loop, not those the workers
+    prefetched; it is kept in items (``batches x batch_size``), so it survives a change of
+    ``batch_size``. Iteration starts lazily, after Lightning has set the sampler's epoch.
+    Workers run :func:`loader_worker_init` unless another ``worker_init_fn`` is given.
+
+    Raises:
+        ConfigError: the sampler is not a :class:`HierarchicalSampler`, or no ``batch_size``.
+    """
+
+    def __init__(self, dataset, **kwargs):
+        kwargs.setdefault("worker_init_fn", loader_worker_init)
+        super().__init__(dataset, **kwargs)
+        if not isinstance(self.sampler, HierarchicalSampler) or self.batch_size is None:
+            raise ConfigError("ResumableLoader needs a HierarchicalSampler and a batch_size")
+        self._epoch, self._items = self.sampler.epoch, 0
+
+    def __iter__(self) -> Iterator:
+        self._epoch, self._items = self.sampler.epoch, self.sampler.start_item()
+        for batch in super().__iter__():
+            self._items += self.batch_size
+            yield batch
+
+    def state_dict(self) -> dict[str, int]:
+        """``{"epoch", "items"}``: the epoch and the items of it (this rank) already trained on."""
+        return {"epoch": int(self._epoch), "items": int(self._items)}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Continue at a saved position (see :meth:`HierarchicalSampler.resume`).
+
+        Raises:
+            DataError: the checkpoint's loader state is not ``{"epoch", "items"}``.
+        """
+        try:
+            epoch, items = int(state["epoch"]), int(state["items"])
+        except (KeyError, TypeError, ValueError):
+            raise DataError(f"checkpoint: unreadable data loader position {state!r}") from None
+        self.sampler.resume(epoch, items)
+        self._epoch, self._items = epoch, items
 
 
 class HierarchicalDataModule(L.LightningDataModule):
@@ -83,10 +150,10 @@ class HierarchicalDataModule(L.LightningDataModule):
                     f"{self.patients} patients; lower data.patients"
                 )
 
-    def train_dataloader(self) -> DataLoader:
+    def train_dataloader(self) -> ResumableLoader:
         self.setup("fit")
         sampler = HierarchicalSampler(self.train_set.labels, balance=self.balance, seed=self.seed)
-        return DataLoader(
+        return ResumableLoader(
             self.train_set,
             batch_size=self.patients,
             sampler=sampler,

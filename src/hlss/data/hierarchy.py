@@ -243,8 +243,9 @@ class HierarchicalSampler(Sampler):
             ``r, r + num_replicas, ...``, so ranks see distinct patients (without balancing).
         drop_last: drop the wrap-around padding instead (ranks may then see fewer items).
 
-    Call :meth:`set_epoch` each epoch (Lightning does it). Setting :attr:`skip_items` makes the
-    next iteration start that many items into this rank's epoch (used to resume mid-epoch).
+    Call :meth:`set_epoch` each epoch (Lightning does it). :meth:`resume` makes the next
+    iteration over a given epoch start part-way in (a mid-epoch resume; the position itself is
+    counted by :class:`hlss.data.datamodule.ResumableLoader`, which Lightning saves).
     """
 
     def __init__(
@@ -267,10 +268,30 @@ class HierarchicalSampler(Sampler):
         self._rank = rank
         self.drop_last = drop_last
         self.epoch = 0
-        self.skip_items = 0  # skipped once at the start of the next iteration (mid-epoch resume)
+        self._resume_at: tuple[int, int] | None = None  # (epoch, items already done)
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = int(epoch)
+
+    def resume(self, epoch: int, items: int) -> None:
+        """Start the next iteration over ``epoch`` after its first ``items`` items (of this rank).
+
+        Applies once, and only if :attr:`epoch` is ``epoch`` when iteration starts (a resume
+        at the very end of an epoch moves on to the next epoch from its start).
+
+        Raises:
+            ConfigError: ``epoch`` or ``items`` is negative.
+        """
+        if int(epoch) < 0 or int(items) < 0:
+            raise ConfigError(f"cannot resume at epoch {epoch}, item {items}")
+        self.epoch = int(epoch)
+        self._resume_at = (int(epoch), int(items))
+
+    def start_item(self) -> int:
+        """Where the next iteration starts in this rank's epoch (0 unless :meth:`resume` applies)."""
+        if self._resume_at is None or self._resume_at[0] != self.epoch:
+            return 0
+        return self._resume_at[1]
 
     def _world(self) -> tuple[int, int]:
         replicas, rank = self._num_replicas, self._rank
@@ -321,7 +342,7 @@ class HierarchicalSampler(Sampler):
 
     def __iter__(self) -> Iterator[tuple[int, int]]:
         patients, slots = self._positions()
-        skip, self.skip_items = self.skip_items, 0
+        skip, self._resume_at = self.start_item(), None
         for patient, slot in zip(patients[skip:].tolist(), slots[skip:].tolist(), strict=True):
             seed = np.random.SeedSequence([self.seed, self.epoch, slot]).generate_state(1)[0]
             yield patient, int(seed)

@@ -1,7 +1,9 @@
 """Judging many patch files, in order, with bounded memory and optional worker processes.
 
 The dataset validator checks up to ~300k files (the real OpenSRH); each is read, judged by
-:func:`hlss.data.io.inspect_patch` and only its verdict is kept.
+:func:`hlss.data.io.inspect_patch` and only its verdict is kept. Progress (files checked, rate,
+ETA) is shown per chunk through :class:`hlss.progress.Progress`: a bar on a terminal, periodic
+log lines otherwise.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Executor, ProcessPoolExecutor, ThreadPoolExecutor
 
 from hlss.data.io import PatchVerdict, inspect_patch
+from hlss.progress import Progress
 
 CHUNK_SIZE = 64
 """Paths per task handed to a worker."""
@@ -35,28 +38,37 @@ def inspect_many(
     progress: Callable[[int, int], None] | None = None,
     inspect: Callable[[str], tuple] = inspect_patch,
 ) -> Iterator[tuple]:
-    """Yield the verdict of every path, in the order of ``paths``.
+    """Yield the verdict of every path, in the order of ``paths``, showing progress
+    (``checking patch files``) as :class:`hlss.progress.Progress` does.
 
     Args:
         paths: absolute file paths.
         workers: 0 judges in the calling process; ``> 0`` in that many worker processes (TIFF
             parsing holds the GIL, so threads would not help).
-        progress: optional ``callback(done, total)`` called after each chunk.
+        progress: optional ``callback(done, total)`` called after each chunk as well.
         inspect: the judge (default :func:`hlss.data.io.inspect_patch`); another one (tests) runs
             in threads when ``workers > 0``, as it need not be picklable.
     """
     total = len(paths)
-    done = 0
+    with Progress(total, "checking patch files", "files") as shown:
+        for n, verdicts in _chunk_verdicts(paths, workers, inspect):
+            yield from verdicts
+            shown.update(n)
+            if progress:
+                progress(shown.n, total)
+
+
+def _chunk_verdicts(
+    paths: Sequence[str], workers: int, inspect: Callable[[str], tuple]
+) -> Iterator[tuple[int, list]]:
+    """``(chunk length, verdicts)`` of every chunk of ``paths``, in order."""
 
     def run_chunk(chunk: Sequence[str]) -> list:
         return [inspect(p) for p in chunk]
 
     if workers <= 0:
         for chunk in _chunks(paths, CHUNK_SIZE):
-            yield from run_chunk(chunk)
-            done += len(chunk)
-            if progress:
-                progress(done, total)
+            yield len(chunk), run_chunk(chunk)
         return
     pool: Executor
     if inspect is inspect_patch:
@@ -73,10 +85,7 @@ def inspect_many(
                 break
         while pending:
             n, future = pending.popleft()
-            yield from future.result()
-            done += n
-            if progress:
-                progress(done, total)
+            yield n, future.result()
             nxt = next(chunks, None)
             if nxt is not None:
                 pending.append((len(nxt), pool.submit(task, nxt)))

@@ -228,6 +228,12 @@ class ValidationReport:
         suffix = f" ({len(self.warnings)} warning(s))" if self.warnings else ""
         return "verdict: TRAINABLE" + suffix
 
+    def exit_status(self, strict: bool = False) -> int:
+        """The command's exit status: 1 when the report has an error (training refuses the
+        dataset as given, or would drop data from it) or, with ``strict``, a warning; else 0."""
+        failed = not self.trainable or self.errors or (strict and self.warnings)
+        return 1 if failed else 0
+
     # ------------------------------------------------------------------ cleaned metadata
     def check_clean_out(self, out_dir: str) -> tuple[str, str]:
         """See :func:`hlss.data.clean_out.check_clean_out`; uses this report's root and metadata

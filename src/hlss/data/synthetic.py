@@ -56,6 +56,7 @@ from hlss.data.opensrh import (
 )
 from hlss.errors import HLSSError
 from hlss.paths import cache_root
+from hlss.progress import Progress
 
 GENERATOR_VERSION = 1
 """Bumped whenever the output for given parameters changes (it is part of the cache key)."""
@@ -544,7 +545,7 @@ def _write_dataset(
     size: int,
     val_fraction: float,
 ) -> None:
-    """Write the whole dataset under ``root`` (an existing empty directory)."""
+    """Write the whole dataset under ``root`` (an existing empty directory), showing progress."""
     classes = list(CLASSES_OPENSRH)
     ids = _patient_ids(seed, len(classes) * patients_per_class)
     n_val = _val_count(patients_per_class, val_fraction)
@@ -553,35 +554,38 @@ def _write_dataset(
     train: list[str] = []
     val: list[str] = []
     os.makedirs(os.path.join(root, META_DIR))
-    for ci, label in enumerate(classes):
-        look = CLASS_LOOKS[label]
-        val_members = set(split_rng.permutation(patients_per_class)[:n_val].tolist())
-        for pi in range(patients_per_class):
-            patient = ids[ci * patients_per_class + pi]
-            (val if pi in val_members else train).append(patient)
-            prng = _rng(seed, _KEY_PATIENT, ci, pi)
-            p_mods, p_nuis = _draw_patient_factors(prng)
-            slides: dict[str, dict] = {}
-            for si, slide in enumerate(_slide_ids(prng, slides_per_patient)):
-                srng = _rng(seed, _KEY_SLIDE, ci, pi, si)
-                s_mods, s_nuis = _draw_slide_factors(srng, p_nuis)
-                mods = p_mods.times(s_mods)
-                total = patches_per_slide + nondiagnostic_per_slide
-                positions = _patch_positions(srng, total)
-                os.makedirs(os.path.join(root, *patch_dir(patient, slide).split("/")))
-                lists = empty_patch_lists()
-                diag_key = diagnostic_key(label)
-                for k, (ix, jx, iy, jy) in enumerate(positions):
-                    rng = _rng(seed, _KEY_PATCH, ci, pi, si, k)
-                    diagnostic = k < patches_per_slide
-                    render = _render_tissue if diagnostic else _render_nondiagnostic
-                    ch2, ch3 = render(rng, look, mods, size)
-                    patch = _acquire(rng, ch2, ch3, s_nuis, size)
-                    rel = patch_path(patient, slide, ix, jx, iy, jy)
-                    _write_tiff(os.path.join(root, *rel.split("/")), patch)
-                    lists[diag_key if diagnostic else NONDIAGNOSTIC_PATCHES].append(rel)
-                slides[slide] = lists
-            meta[patient] = {"class": label, "slides": slides}
+    files = len(ids) * slides_per_patient * (patches_per_slide + nondiagnostic_per_slide)
+    with Progress(files, "writing synthetic patches", "files") as progress:
+        for ci, label in enumerate(classes):
+            look = CLASS_LOOKS[label]
+            val_members = set(split_rng.permutation(patients_per_class)[:n_val].tolist())
+            for pi in range(patients_per_class):
+                patient = ids[ci * patients_per_class + pi]
+                (val if pi in val_members else train).append(patient)
+                prng = _rng(seed, _KEY_PATIENT, ci, pi)
+                p_mods, p_nuis = _draw_patient_factors(prng)
+                slides: dict[str, dict] = {}
+                for si, slide in enumerate(_slide_ids(prng, slides_per_patient)):
+                    srng = _rng(seed, _KEY_SLIDE, ci, pi, si)
+                    s_mods, s_nuis = _draw_slide_factors(srng, p_nuis)
+                    mods = p_mods.times(s_mods)
+                    total = patches_per_slide + nondiagnostic_per_slide
+                    positions = _patch_positions(srng, total)
+                    os.makedirs(os.path.join(root, *patch_dir(patient, slide).split("/")))
+                    lists = empty_patch_lists()
+                    diag_key = diagnostic_key(label)
+                    for k, (ix, jx, iy, jy) in enumerate(positions):
+                        rng = _rng(seed, _KEY_PATCH, ci, pi, si, k)
+                        diagnostic = k < patches_per_slide
+                        render = _render_tissue if diagnostic else _render_nondiagnostic
+                        ch2, ch3 = render(rng, look, mods, size)
+                        patch = _acquire(rng, ch2, ch3, s_nuis, size)
+                        rel = patch_path(patient, slide, ix, jx, iy, jy)
+                        _write_tiff(os.path.join(root, *rel.split("/")), patch)
+                        lists[diag_key if diagnostic else NONDIAGNOSTIC_PATCHES].append(rel)
+                        progress.update(1)
+                    slides[slide] = lists
+                meta[patient] = {"class": label, "slides": slides}
     with open(os.path.join(root, META_DIR, META_NAME), "w", encoding="utf-8") as handle:
         json.dump(meta, handle, indent=1)
         handle.write("\n")
@@ -609,7 +613,8 @@ def generate_opensrh(
     (at least one stays in ``train``). Same parameters give byte-identical files.
 
     The dataset is written into a hidden temporary sibling of ``out`` and renamed into place at
-    the end, so ``out`` never holds a partial dataset. Nothing is printed.
+    the end, so ``out`` never holds a partial dataset. Progress (files written, rate, ETA) is
+    shown as :class:`hlss.progress.Progress` does: a bar on a terminal, log lines otherwise.
 
     Raises:
         HLSSError: a parameter that cannot work (``patients_per_class`` outside [2, 128],

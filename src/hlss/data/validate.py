@@ -17,7 +17,8 @@ The trainability rule
 
     Errors about single files or single patients do *not* make a dataset untrainable on their own:
     they are dropped from the cleaned metadata, and the report says so. Training with the original
-    metadata would still meet those files; use the cleaned copy.
+    metadata would still meet those files (and drop them); use the cleaned copy. ``hlss-validate``
+    exits 1 on any error all the same (:meth:`~hlss.data.report.ValidationReport.exit_status`).
 
 What is checked, one pass each (in this order)
     1. metadata files (:func:`read_metadata`): both JSON files readable, of the right top-level

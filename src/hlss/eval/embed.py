@@ -10,7 +10,8 @@ transform only) with Lightning's ``Trainer.predict`` and writes an *embedding se
   bad_files`` and a few more provenance fields.
 
 Lightning brings the device (CPU, one or several GPUs), the precision and a progress bar (shown
-when stderr is a terminal); :class:`~hlss.eval.embed_writer.EmbeddingWriter` streams each batch
+when stderr is a terminal; otherwise :class:`~hlss.eval.embed_writer.PredictLogLines` prints
+periodic log lines); :class:`~hlss.eval.embed_writer.EmbeddingWriter` streams each batch
 straight into a memory-mapped ``.npy`` (never all features in RAM as float32), inside a
 temporary sibling folder that is renamed into place at the end, so an interrupted run never
 leaves a half-written set. Unreadable patches are skipped, listed in the manifest and left out
@@ -30,10 +31,9 @@ import logging
 import os
 import shutil
 import signal
-import sys
 import threading
 import warnings
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -56,8 +56,15 @@ from hlss.eval.embed_cache import (
     file_sha256,
     table_fingerprint,
 )
-from hlss.eval.embed_writer import FEATURES_NAME, EmbeddingWriter, PatchEmbedder, merge_parts
+from hlss.eval.embed_writer import (
+    FEATURES_NAME,
+    EmbeddingWriter,
+    PatchEmbedder,
+    PredictLogLines,
+    merge_parts,
+)
 from hlss.paths import cache_root
+from hlss.progress import progress_mode
 
 __all__ = [
     "EmbeddingSet",
@@ -252,8 +259,11 @@ def _trainer(
     strategy: str,
     progress_bar: bool | None,
     writer: EmbeddingWriter,
+    callbacks: Sequence[Any] = (),
 ):
-    """A predict-only ``Trainer``: ``device`` -> accelerator (``"cuda:1"`` -> ``devices=[1]``)."""
+    """A predict-only ``Trainer``: ``device`` -> accelerator (``"cuda:1"`` -> ``devices=[1]``);
+    Lightning's bar when ``progress_bar`` (``None``: :func:`hlss.progress.progress_mode` is
+    ``bar``, i.e. stderr is a terminal); ``callbacks`` run beside ``writer``."""
     from lightning.fabric.utilities.exceptions import MisconfigurationException
     from lightning.pytorch import Trainer
 
@@ -269,8 +279,8 @@ def _trainer(
             logger=False,
             enable_checkpointing=False,
             enable_model_summary=False,
-            enable_progress_bar=sys.stderr.isatty() if progress_bar is None else progress_bar,
-            callbacks=[writer],
+            enable_progress_bar=progress_mode() == "bar" if progress_bar is None else progress_bar,
+            callbacks=[writer, *callbacks],
             inference_mode=True,
         )
     except (MisconfigurationException, RuntimeError, ValueError, TypeError) as err:
@@ -294,6 +304,15 @@ def _predict(trainer, module: PatchEmbedder, loader: DataLoader, writer: Embeddi
     finally:
         if main and handler is not None:
             signal.signal(signal.SIGINT, handler)
+
+
+def _progress_desc(
+    table: PatchTable, checkpoint: str | None, extra: Mapping[str, Any] | None
+) -> str:
+    """``embedding <split> (<checkpoint file>)``, or the table's name when no split is known."""
+    split = (extra or {}).get("split")
+    what = f"embedding {split}" if split else f"embedding {table.name}"
+    return f"{what} ({os.path.basename(checkpoint)})" if checkpoint else what
 
 
 def embed_table(
@@ -335,7 +354,10 @@ def embed_table(
         extra: further manifest fields (e.g. a cache key).
         devices, strategy: Lightning's (e.g. ``devices=4`` embeds on four GPUs).
         precision: Lightning's (e.g. ``"bf16-mixed"``); features are stored as float16 anyway.
-        progress_bar: ``None`` -> shown when stderr is a terminal.
+        progress_bar: ``True`` shows Lightning's bar, ``False`` nothing; ``None`` follows
+            :func:`hlss.progress.progress_mode` (``$HLSS_PROGRESS``; auto: the bar when stderr
+            is a terminal, else periodic log lines naming ``split`` of ``extra`` and the
+            checkpoint).
 
     Returns:
         The written set (features memory-mapped from ``out_dir``).
@@ -360,12 +382,14 @@ def embed_table(
     module = PatchEmbedder(model, source, frame["path"].astype(str).tolist())
     tmp = temp_dir_beside(target)
     writer = EmbeddingWriter(tmp, n)
+    log_lines = progress_bar is None and progress_mode() == "log"
+    lines = [PredictLogLines(_progress_desc(table, checkpoint, extra), n)] if log_lines else []
     was_training = model.training
     param = next(iter(model.parameters()), None)
     home = param.device if param is not None else None
     try:
         with _quiet_lightning():
-            trainer = _trainer(device, devices, precision, strategy, progress_bar, writer)
+            trainer = _trainer(device, devices, precision, strategy, progress_bar, writer, lines)
             loader = DataLoader(
                 PatchDataset(table, transform),
                 batch_size=int(batch_size),
@@ -499,7 +523,9 @@ def cached_embeddings(
             log.warning("discarding broken cached embeddings: %s", err)
             shutil.rmtree(target, ignore_errors=True)
         else:
-            log.info("embeddings from cache: %s", target)
+            log.debug("embeddings from cache: %s", target)
+            with contextlib.suppress(OSError):  # "last used" for hlss-cache, also on noatime mounts
+                os.utime(os.path.join(target, "features.npy"))
             return found
     model = model_or_factory
     if not isinstance(model, nn.Module):

@@ -20,12 +20,13 @@ from typing import Any
 import lightning.pytorch as pl
 import numpy as np
 import torch
-from lightning.pytorch.callbacks import BasePredictionWriter
+from lightning.pytorch.callbacks import BasePredictionWriter, Callback
 from torch import nn
 
 from hlss.errors import ConfigError, HLSSError
+from hlss.progress import Progress
 
-__all__ = ["EmbeddingWriter", "PatchEmbedder", "merge_parts"]
+__all__ = ["EmbeddingWriter", "PatchEmbedder", "PredictLogLines", "merge_parts"]
 
 FEATURES_NAME = "features.npy"
 _COPY_CHUNK = 65536  # rows per copy step when joining or compacting features
@@ -162,6 +163,43 @@ class EmbeddingWriter(BasePredictionWriter):
     ) -> None:
         self.failure = exception
         self._features = None  # drop the memmap; the caller removes the folder
+
+
+class PredictLogLines(Callback):
+    """Periodic log lines of an embedding run whose output is not a terminal (Lightning's bar
+    covers terminals): ``<desc> 1200/5000 patches (24%) | 410 patches/s | ETA 0:00:09``.
+
+    Args:
+        desc: what is embedded, e.g. ``"embedding val (step-0000100.ckpt)"``.
+        n: the table's patches; global rank 0 counts its batches' patches (readable or not)
+            times the world size.
+        mode: see :func:`hlss.progress.progress_mode` (``None``: ``$HLSS_PROGRESS``/auto).
+    """
+
+    def __init__(self, desc: str, n: int, mode: str | None = "log"):
+        self.desc, self.n, self.mode = desc, int(n), mode
+        self.progress: Progress | None = None
+
+    def on_predict_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if trainer.is_global_zero:
+            self.progress = Progress(self.n, self.desc, "patches", mode=self.mode)
+
+    def on_predict_batch_end(
+        self, trainer, pl_module, outputs, batch, batch_idx: int, dataloader_idx: int = 0
+    ) -> None:
+        if self.progress is not None:
+            done = (len(batch["rows"]) + len(batch["bad"])) * max(1, int(trainer.world_size))
+            self.progress.advance_to(min(self.n, self.progress.n + done))
+
+    def on_predict_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.progress is not None:
+            self.progress.close()
+            self.progress = None
+
+    def on_exception(self, trainer, pl_module, exception: BaseException) -> None:
+        if self.progress is not None:
+            self.progress.close(finished=False)
+            self.progress = None
 
 
 def _copy_rows(src: np.ndarray, dst: np.ndarray, positions: np.ndarray | None) -> None:

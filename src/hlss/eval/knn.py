@@ -15,7 +15,8 @@ Search backends (all exact, all inner product on normalised float32 vectors):
   not importable).
 
 Queries are streamed in batches of ``batch_size`` and, for the torch backend, the bank is scanned
-in blocks, so no ``m x n`` similarity matrix is ever held in memory. Inputs may be numpy arrays or
+in blocks, so no ``m x n`` similarity matrix is ever held in memory; progress (queries done, rate,
+ETA) is reported per batch through :class:`hlss.progress.Progress`. Inputs may be numpy arrays or
 torch tensors of any float dtype (embeddings are stored in float16); all arithmetic is float32.
 
 Ties: each backend is deterministic, and its neighbours are returned sorted by similarity
@@ -33,6 +34,7 @@ import torch
 
 from hlss.devices import resolve_device
 from hlss.errors import ConfigError, HLSSError
+from hlss.progress import Progress
 
 BACKENDS = ("auto", "faiss_gpu", "faiss", "torch")
 
@@ -335,10 +337,12 @@ class KNNIndex:
         m = int(queries.shape[0])
         sims = np.empty((m, k), np.float32)
         idx = np.empty((m, k), np.int64)
-        for start in range(0, m, batch_size):
-            s, i = self._search_batch(queries[start : start + batch_size], k)
-            sims[start : start + len(s)] = s
-            idx[start : start + len(s)] = i
+        with Progress(m, f"kNN search (k={k})", "queries") as progress:
+            for start in range(0, m, batch_size):
+                s, i = self._search_batch(queries[start : start + batch_size], k)
+                sims[start : start + len(s)] = s
+                idx[start : start + len(s)] = i
+                progress.update(len(s))
         return sims, idx
 
     def scores(
@@ -362,11 +366,13 @@ class KNNIndex:
         queries = self._check_queries(queries)
         m = int(queries.shape[0])
         out = np.empty((m, self.num_classes), np.float32)
-        for start in range(0, m, batch_size):
-            s, i = self._search_batch(queries[start : start + batch_size], k)
-            out[start : start + len(s)] = weighted_vote(
-                s, self.labels[i], self.num_classes, temperature
-            )
+        with Progress(m, f"kNN search (k={k})", "queries") as progress:
+            for start in range(0, m, batch_size):
+                s, i = self._search_batch(queries[start : start + batch_size], k)
+                out[start : start + len(s)] = weighted_vote(
+                    s, self.labels[i], self.num_classes, temperature
+                )
+                progress.update(len(s))
         return out
 
     def _check_queries(self, queries: Any) -> np.ndarray | torch.Tensor:

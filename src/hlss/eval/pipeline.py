@@ -5,7 +5,8 @@ on disk), classify val patches by weighted cosine kNN against the train bank, ag
 and patients, compute the metrics (:mod:`hlss.eval.protocol`). The final checkpoint also gets
 predictions, confusion matrices, zero-shot classification, attribute retrieval and a linear
 probe. Everything is written to ``out`` (:mod:`hlss.eval.writers`) and logged to the MLflow run
-that trained the checkpoint (:class:`hlss.tracking.EvalSink`).
+that trained the checkpoint (:class:`hlss.tracking.EvalSink`) under metric names that carry the
+evaluation's settings (:mod:`hlss.eval.settings`).
 """
 
 from __future__ import annotations
@@ -34,8 +35,10 @@ from hlss.eval.restore import (
     run_config_for,
     untrained_model,
 )
+from hlss.eval.settings import metric_prefixes, tracking_params, used_config
 from hlss.eval.writers import (
     prepare_out,
+    write_config,
     write_level_outputs,
     write_metrics_table,
     write_step_metrics,
@@ -55,8 +58,10 @@ def _bootstrap(cfg: DictConfig) -> dict:
     }
 
 
-def _embed_sets(cfg, run_cfg, ckpt, table, transform, source) -> dict[str, EmbeddingSet]:
-    """Train and val embedding sets of one checkpoint (or of the untrained model), cached."""
+def _embed_sets(
+    cfg, run_cfg, ckpt, table, transform, source, splits=("train", "val")
+) -> dict[str, EmbeddingSet]:
+    """The embedding sets of ``splits`` of one checkpoint (or of the untrained model), cached."""
     if cfg.untrained:
         factory, ckpt_key = (lambda: untrained_model(run_cfg)), None
     else:
@@ -78,7 +83,7 @@ def _embed_sets(cfg, run_cfg, ckpt, table, transform, source) -> dict[str, Embed
             cfg=run_cfg,
             **kwargs,
         )
-        for split in ("train", "val")
+        for split in splits
     }
 
 
@@ -90,16 +95,26 @@ def _text_encoder_node(run_cfg: DictConfig):
     return node if node is not None else run_cfg.text_encoder
 
 
+def _in_folder(folder: str, files: dict[str, str]) -> dict[str, str]:
+    """``files`` keys prefixed with ``<folder>/`` (the keys of ``summary.json``'s ``files``)."""
+    return {f"{folder}/{key}": path for key, path in files.items()}
+
+
 def language_outputs(cfg, run_cfg, ckpt, table, transform, out, info) -> dict:
     """Zero-shot classification (``zero_shot/``) and attribute retrieval (``attributes.csv``) of
-    the final checkpoint of a model with a text space."""
+    the final checkpoint of a model with a text space.
+
+    Returns:
+        ``{"files": {...}}`` plus, when enabled, ``zero_shot`` (metrics), ``attributes_csv`` and
+        ``attribute_examples``.
+    """
     from hlss.config import attribute_banks
     from hlss.eval.explain import explain_levels, format_examples, write_explanations
     from hlss.eval.zero_shot import load_class_prompts, zero_shot_scores
     from hlss.models.text import embed_prompts
 
-    results: dict[str, Any] = {}
-    val = _embed_sets(cfg, run_cfg, ckpt, table, transform, "text_space")["val"]
+    results: dict[str, Any] = {"files": {}}
+    val = _embed_sets(cfg, run_cfg, ckpt, table, transform, "text_space", ("val",))["val"]
     if cfg.zero_shot.enabled:
         prompts = load_class_prompts(str(cfg.zero_shot.prompts), list(val.classes))
         encoder = build(_text_encoder_node(run_cfg))
@@ -108,7 +123,8 @@ def language_outputs(cfg, run_cfg, ckpt, table, transform, out, info) -> dict:
             val.features, class_text, temperature=float(cfg.zero_shot.temperature)
         )
         result = score_levels(val, scores, summed_groups(scores), **_bootstrap(cfg))
-        write_level_outputs(os.path.join(out, "zero_shot"), result, info, "zero-shot")
+        files = write_level_outputs(os.path.join(out, "zero_shot"), result, info, "zero-shot")
+        results["files"].update(_in_folder("zero_shot", files))
         results["zero_shot"] = result["metrics"]
     if cfg.explain.enabled:
         df = explain_levels(
@@ -121,7 +137,7 @@ def language_outputs(cfg, run_cfg, ckpt, table, transform, out, info) -> dict:
         )
         path = os.path.join(out, "attributes.csv")
         write_explanations(df, path)
-        results["attributes_csv"] = path
+        results["attributes_csv"] = results["files"]["attributes"] = path
         results["attribute_examples"] = format_examples(df, n_per_level=2)
     return results
 
@@ -139,9 +155,11 @@ def _text_embeddings(cfg, run_cfg, ckpt) -> dict:
     return dict(model.text_embeddings)
 
 
-def probe_outputs(cfg, train: EmbeddingSet, val: EmbeddingSet, out: str, info: dict) -> dict:
+def probe_outputs(
+    cfg, train: EmbeddingSet, val: EmbeddingSet, out: str, info: dict
+) -> tuple[dict, dict[str, str]]:
     """Linear probe (logistic regression on frozen features, train patients -> val patients)
-    into ``probe/``; returns its metrics."""
+    into ``probe/``; returns its metrics and the files written."""
     from hlss.eval.probe import check_patient_disjoint, linear_probe
 
     check_patient_disjoint(train.index["patient"], val.index["patient"])
@@ -156,15 +174,23 @@ def probe_outputs(cfg, train: EmbeddingSet, val: EmbeddingSet, out: str, info: d
         device=cfg.embed.device,
     )
     result = score_levels(val, probs, summed_groups(probs), **_bootstrap(cfg))
-    write_level_outputs(os.path.join(out, "probe"), result, info, "linear probe")
-    return result["metrics"]
+    files = write_level_outputs(os.path.join(out, "probe"), result, info, "linear probe")
+    return result["metrics"], _in_folder("probe", files)
 
 
 def log_to_mlflow(
     cfg, run_cfg, summary: dict, rows: list[dict], run_id: str | None, description: str
 ) -> dict:
-    """Per-checkpoint kNN metrics, zero-shot and probe metrics and the output folder to the
-    MLflow run ``run_id`` in the training run's store (a new eval run when it is not found).
+    """Per-checkpoint kNN metrics, zero-shot and probe metrics, the settings and the output
+    folder to the MLflow run ``run_id`` in the training run's store (a new eval run when it is
+    not found).
+
+    Metric names are ``<prefix>/<level>_<metric>`` with the prefixes of
+    :func:`hlss.eval.settings.metric_prefixes` (``summary["metric_prefixes"]``); the settings
+    that define a prefix are params ``<prefix>.<setting>`` (:func:`tracking_params`: never two
+    values under one key), while the backend, checkpoint and output folder of the latest
+    evaluation under that prefix are tags ``<prefix>.backend|ckpt|out``; ``config.yaml`` in the
+    uploaded folder keeps every setting of each evaluation.
 
     Returns:
         ``{"tracking_uri", "run_id", "new_run"}``.
@@ -177,12 +203,15 @@ def log_to_mlflow(
         or default_tracking_uri()
     )
     sink = EvalSink(str(uri), run_id, str(cfg.mlflow.experiment), description)
-    prefix = "eval_untrained" if cfg.untrained else "eval"
+    prefixes = summary["metric_prefixes"]
+    latest = {"backend": cfg.knn.backend, "ckpt": summary["checkpoint"], "out": summary["out"]}
+    knn = prefixes["knn"].replace("/", ".")
+    sink.log_settings(tracking_params(cfg, run_cfg), {f"{knn}.{k}": v for k, v in latest.items()})
     for row in rows:
-        sink.log_levels(nested_metrics(row), row["step"], prefix, SCALARS)
+        sink.log_levels(nested_metrics(row), row["step"], prefixes["knn"], SCALARS)
     for name in ("zero_shot", "probe"):
         if name in summary:
-            sink.log_levels(summary[name], summary["step"], name, SCALARS)
+            sink.log_levels(summary[name], summary["step"], prefixes[name], SCALARS)
     sink.log_folder(summary["out"])
     sink.close()
     return {"tracking_uri": sink.uri, "run_id": sink.run_id, "new_run": sink.new_run}
@@ -192,9 +221,11 @@ def evaluate(cfg: DictConfig) -> dict:
     """Run the evaluation described by an ``eval`` config (``conf/eval.yaml``).
 
     Returns:
-        The summary also written to ``<out>/summary.json``: ``out``, ``checkpoint``, ``step``,
-        ``untrained``, ``metrics`` (``{level: {...}}`` of the final checkpoint), ``files``, and
-        when enabled ``probe``, ``zero_shot``, ``attributes_csv``, ``mlflow``.
+        The summary also written to ``<out>/summary.json``: ``out``, ``checkpoint``, ``step``
+        (the step of every metric file), ``untrained``, ``metric_prefixes`` (MLflow names, see
+        :mod:`hlss.eval.settings`), ``metrics`` (``{level: {...}}`` of the final checkpoint),
+        ``files`` (every file written, ``config.yaml`` and ``summary.json`` included), and when
+        enabled ``probe``, ``zero_shot``, ``attributes_csv``, ``mlflow``.
 
     Raises:
         HLSSError: (one line) a missing or unreadable checkpoint or run config, a non-empty
@@ -209,6 +240,7 @@ def evaluate(cfg: DictConfig) -> dict:
     if cfg.untrained:
         checkpoints = [final]  # the initialisation is one model, whatever the run saved
     out = prepare_out(cfg.out, final)
+    files = {"config": write_config(out, used_config(cfg, dataset_cfg, checkpoints))}
     table = build(dataset_cfg.table)
     transform = build(dataset_cfg.transform)
     what = "untrained" if cfg.untrained else "checkpoint"
@@ -229,7 +261,8 @@ def evaluate(cfg: DictConfig) -> dict:
         result = knn_evaluate(sets["train"], sets["val"], **knn)
         rows.append(metrics_row(info, result["metrics"]))
         if len(checkpoints) > 1:
-            write_step_metrics(out, result["metrics"], info)
+            path = write_step_metrics(out, result["metrics"], info)
+            files[os.path.splitext(os.path.relpath(path, out))[0]] = path  # steps/step-N/metrics
         acc = {level: result["metrics"][level]["acc"] for level in LEVELS}
         log.info(
             "%s %s step %d: patch %.3f slide %.3f patient %.3f",
@@ -241,22 +274,27 @@ def evaluate(cfg: DictConfig) -> dict:
             acc["patient"],
         )
     # after the loop: result, sets and info are the final checkpoint's
-    files = write_level_outputs(out, result, info, f"step {info['step']}")
+    files.update(write_level_outputs(out, result, info, f"step {info['step']}"))
     files.update(write_metrics_table(out, rows))
     summary: dict[str, Any] = {
         "out": out,
         "checkpoint": info["checkpoint"],
         "step": info["step"],
         "untrained": bool(cfg.untrained),
+        "metric_prefixes": metric_prefixes(cfg, run_cfg),
         "metrics": result["metrics"],
         "files": files,
     }
     if cfg.probe.enabled:
-        summary["probe"] = probe_outputs(cfg, sets["train"], sets["val"], out, info)
+        summary["probe"], probe_files = probe_outputs(cfg, sets["train"], sets["val"], out, info)
+        files.update(probe_files)
     if has_text_space(run_cfg) and (cfg.zero_shot.enabled or cfg.explain.enabled):
-        summary.update(language_outputs(cfg, run_cfg, final, table, transform, out, info))
+        language = language_outputs(cfg, run_cfg, final, table, transform, out, info)
+        files.update(language.pop("files"))
+        summary.update(language)
+    files["summary"] = write_summary(out, summary)  # in the folder MLflow receives
     if cfg.mlflow.enabled:
         run_id = None if cfg.untrained else info.get("mlflow_run_id")
         summary["mlflow"] = log_to_mlflow(cfg, run_cfg, summary, rows, run_id, f"{what} {final}")
-    write_summary(out, summary)
+        write_summary(out, summary)
     return summary

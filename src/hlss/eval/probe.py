@@ -19,6 +19,7 @@ import torch
 
 from hlss.errors import HLSSError
 from hlss.eval.arrays import check_2d
+from hlss.progress import stage
 
 
 def check_patient_disjoint(train_patients: Iterable, val_patients: Iterable) -> None:
@@ -94,7 +95,9 @@ def linear_probe(
     there without a convergence warning), deterministic for given inputs. With ``standardize``
     every feature is shifted and scaled by the train mean and standard deviation (constant
     features are left unscaled) and the same transform is applied to ``val_x``. No global random
-    generator is touched.
+    generator is touched. A fit that runs for more than two seconds prints a start line with the
+    sizes and an end line with the time (:func:`hlss.progress.stage`; scikit-learn's fit has no
+    per-iteration callback).
 
     Args:
         train_x: ``[n, d]`` train embeddings (numpy or torch, float16 allowed).
@@ -148,7 +151,8 @@ def linear_probe(
     C = np.inf if weight_decay == 0 else 1.0 / (float(weight_decay) * n)
     regression = LogisticRegression(C=C, max_iter=int(max_iter), random_state=int(seed))
     model = make_pipeline(StandardScaler(), regression) if standardize else regression
-    with warnings.catch_warnings():
+    text = f"linear probe: fitting {n} x {d} train embeddings, {len(present)} classes"
+    with stage(text), warnings.catch_warnings():
         warnings.simplefilter("ignore", ConvergenceWarning)
         model.fit(x, y)
     out[:, regression.classes_] = model.predict_proba(val)

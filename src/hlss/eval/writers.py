@@ -2,12 +2,14 @@
 
 ::
 
+    <out>/config.yaml   the evaluation's settings (k, temperature, backend, aggregate, ...)
     <out>/metrics.json  predictions.csv  confusion_{patch,slide,patient}.png   (final checkpoint)
     <out>/metrics.csv   accuracy_vs_step.png (several checkpoints)   summary.json
     <out>/steps/step-NNNNNNN/metrics.json                              (several checkpoints)
     <out>/zero_shot/ , <out>/probe/   (metrics.json, predictions.csv, confusion PNGs)
 
-Every JSON and CSV file is written atomically (:func:`hlss.atomic.atomic_file`).
+Every JSON, CSV and YAML file is written atomically (:func:`hlss.atomic.atomic_file`);
+``summary.json`` lists every file written under ``files``.
 """
 
 from __future__ import annotations
@@ -55,6 +57,16 @@ def write_json(path: str, payload: Mapping) -> str:
     """``payload`` as indented JSON at ``path``; returns ``path``."""
     with atomic_file(path, "w", encoding="utf-8") as handle:
         json.dump(payload, handle, indent=1)
+    return path
+
+
+def write_config(out: str, config: Mapping) -> str:
+    """``<out>/config.yaml``: the evaluation's resolved settings; returns its path."""
+    from omegaconf import OmegaConf
+
+    path = os.path.join(out, "config.yaml")
+    with atomic_file(path, "w", encoding="utf-8") as handle:
+        handle.write(OmegaConf.to_yaml(OmegaConf.create(dict(config))))
     return path
 
 
@@ -106,21 +118,24 @@ def write_metrics_table(out: str, rows: Sequence[Mapping]) -> dict[str, str]:
     :func:`hlss.eval.protocol.metrics_row`) and, for two rows or more, ``accuracy_vs_step.png``.
 
     Returns:
-        ``{"accuracy_curve": path}`` when the plot was drawn, else ``{}``.
+        ``{"metrics_table": path}``, plus ``"accuracy_curve"`` when the plot was drawn.
     """
     from hlss.eval.plots import plot_accuracy_curve
 
-    with atomic_file(os.path.join(out, "metrics.csv"), "w", encoding="utf-8", newline="") as handle:
+    files = {"metrics_table": os.path.join(out, "metrics.csv")}
+    with atomic_file(files["metrics_table"], "w", encoding="utf-8", newline="") as handle:
         pd.DataFrame(list(rows)).to_csv(handle, index=False)
-    if len(rows) < 2:
-        return {}
-    png = plot_accuracy_curve(
-        list(rows), os.path.join(out, "accuracy_vs_step.png"), title="kNN accuracy"
-    )
-    return {"accuracy_curve": str(png)}
+    if len(rows) >= 2:
+        png = os.path.join(out, "accuracy_vs_step.png")
+        files["accuracy_curve"] = str(plot_accuracy_curve(list(rows), png, title="kNN accuracy"))
+    return files
 
 
 def write_summary(out: str, summary: Mapping) -> str:
-    """``<out>/summary.json``: ``summary`` without its console-only ``attribute_examples``."""
+    """``<out>/summary.json``: ``summary`` without its console-only ``attribute_examples``; a
+    ``files`` listing gets ``"summary"`` (this file) added. Returns the path."""
+    path = os.path.join(out, "summary.json")
     payload = {k: v for k, v in summary.items() if k != "attribute_examples"}
-    return write_json(os.path.join(out, "summary.json"), payload)
+    if "files" in payload:
+        payload["files"] = {**payload["files"], "summary": path}
+    return write_json(path, payload)

@@ -34,6 +34,7 @@ import torch.nn.functional as F
 from hlss.errors import ConfigError, HLSSError
 from hlss.eval.arrays import check_2d, rows_f32
 from hlss.models.packaged import load_packaged_or_file, packaged_names
+from hlss.progress import Progress
 
 PROMPTS_FOLDER = "prompts"
 
@@ -102,7 +103,8 @@ def zero_shot_scores(
 
     Both inputs are L2-normalised here (rows of zeros stay zero and get uniform probabilities),
     so unnormalised or float16 embeddings are fine. Rows are processed ``chunk_size`` at a time in
-    float32, so a float16 ``[n, D]`` array is never copied whole.
+    float32, so a float16 ``[n, D]`` array is never copied whole; progress is reported per chunk
+    (:class:`hlss.progress.Progress`).
 
     Args:
         text_space: ``[n, D]`` image embeddings in the text space (numpy or torch, any float
@@ -134,9 +136,10 @@ def zero_shot_scores(
     protos = F.normalize(rows_f32(class_text), dim=-1)
     out = np.empty((n, c), dtype=np.float32)
     step = int(chunk_size)
-    with torch.no_grad():
+    with torch.no_grad(), Progress(n, "zero-shot", "patches") as progress:
         for start in range(0, n, step):
             chunk = F.normalize(rows_f32(text_space, start, start + step), dim=-1)
             logits = chunk @ protos.T / float(temperature)
             out[start : start + step] = torch.softmax(logits, dim=-1).numpy()
+            progress.update(len(chunk))
     return out

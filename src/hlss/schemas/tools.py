@@ -46,6 +46,7 @@ class ValidateConfig:
     max_examples: int = 5
     meta_file: str | None = None
     split_file: str | None = None
+    strict: bool = False
 
 
 @dataclass

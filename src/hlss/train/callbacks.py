@@ -5,31 +5,7 @@ from __future__ import annotations
 import json
 import os
 
-import lightning as L
 from lightning.pytorch.callbacks import Callback
-
-
-class SamplerResume(Callback):
-    """Makes a mid-epoch resume continue the interrupted epoch where it stopped.
-
-    Batches depend only on ``(seed, epoch, position)``, so skipping the batches already done in
-    the resumed epoch gives the same sequence as an uninterrupted run. Always on: exact
-    resumption is part of training, not an option.
-    """
-
-    def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        loader = trainer.train_dataloader
-        sampler = getattr(loader, "sampler", None)
-        if sampler is None or not hasattr(sampler, "skip_items"):
-            return
-        per_epoch = trainer.num_training_batches
-        if not isinstance(per_epoch, int) or per_epoch <= 0:
-            return
-        done = (
-            trainer.global_step * trainer.accumulate_grad_batches
-            - trainer.current_epoch * per_epoch
-        )
-        sampler.skip_items = max(0, min(done, per_epoch)) * loader.batch_size
 
 
 class BatchRecord(Callback):
