@@ -15,6 +15,7 @@ import torch
 from lightning.fabric.utilities.seed import pl_worker_init_function
 from torch.utils.data import DataLoader
 
+from hlss.data.batch import check_batch
 from hlss.data.hierarchy import HierarchicalDataset, HierarchicalSampler
 from hlss.data.table import PatchTable
 from hlss.errors import ConfigError, DataError
@@ -144,11 +145,9 @@ class HierarchicalDataModule(L.LightningDataModule):
             self.train_set = HierarchicalDataset(
                 train, transform=self.transform, on_bad_file=self.on_bad_file, **self.hierarchy
             )
-            if self.drop_last and len(self.train_set) < self.patients:
-                raise ConfigError(
-                    f"{len(self.train_set)} train patients cannot fill a batch of "
-                    f"{self.patients} patients; lower data.patients"
-                )
+            trainer = getattr(self, "trainer", None)
+            processes = int(getattr(trainer, "world_size", 1) or 1) if trainer is not None else 1
+            check_batch(len(self.train_set), self.patients, self.drop_last, processes)
 
     def train_dataloader(self) -> ResumableLoader:
         self.setup("fit")
