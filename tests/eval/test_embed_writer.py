@@ -228,7 +228,10 @@ def test_two_processes_write_one_set_in_table_order(table, tmp_path):
     )
     good = [i for i in range(N) if i != 4]
     assert two.index["row"].tolist() == good == one.index["row"].tolist()
-    assert np.array_equal(two.features, one.features)
+    # other batch make-up and thread counts: equal up to BLAS rounding (float16 storage)
+    np.testing.assert_allclose(
+        two.features.astype(np.float32), one.features.astype(np.float32), rtol=1e-3, atol=1e-3
+    )
     assert two.manifest["devices"] == 2 and two.manifest["bad_count"] == 1
     assert sorted(os.listdir(tmp_path)) == ["one", "two"]
 
