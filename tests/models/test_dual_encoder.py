@@ -168,3 +168,16 @@ def test_build_dual_encoder_from_packaged_banks(tmp_path):
     assert len(list(tmp_path.glob("text-*.pt"))) == 3
     mlp = build_dual_encoder(TinyBackbone(), None, head="mlp", mlp_dim=8)
     assert mlp(X)["heads"].shape == (2, 8)
+
+
+def test_hidisc_head_is_one_linear_layer_by_default():
+    """HiDisc's published head (`mlp_hidden: []`): one linear map from the features to 128."""
+    model = DualEncoder(TinyBackbone(), None, None, head="mlp")
+    linears = [m for m in model.head.modules() if isinstance(m, nn.Linear)]
+    assert len(linears) == 1
+    assert (linears[0].in_features, linears[0].out_features) == (model.num_features, 128)
+    deep = DualEncoder(TinyBackbone(), None, None, head="mlp", mlp_dim=8, mlp_hidden=[6, 5])
+    widths = [(m.in_features, m.out_features) for m in deep.head if isinstance(m, nn.Linear)]
+    assert widths == [(deep.num_features, 6), (6, 5), (5, 8)]
+    assert sum(isinstance(m, nn.ReLU) for m in deep.head) == 2
+    assert deep(X)["heads"].shape == (2, 8)

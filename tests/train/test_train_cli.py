@@ -23,7 +23,7 @@ def in_tmp(tmp_path, monkeypatch):
     return tmp_path
 
 
-@pytest.mark.parametrize("loss", ["hidisc", "hvc3", "attr3levels", "attr3levels_nearest"])
+@pytest.mark.parametrize("loss", ["hidisc", "hvc3", "attr3levels", "attr3levels_consistency"])
 def test_two_steps_each_loss(in_tmp, loss):
     run_train(*TINY, *NO_LOGGER, f"loss={loss}")
     (summary,) = summaries(str(in_tmp / "outputs"))

@@ -238,7 +238,11 @@ def describe_heads(heads: Mapping[str, torch.Tensor], names: Mapping[str, list[s
     """The ``heads`` entry of ``export.json``: kind, projection, levels, widths, attribute names
     (only where the name count matches the head's rows)."""
     if not any(k.startswith(("heads.", "projection.", "text_")) for k in heads):
-        return {"kind": "mlp", "use": "head = head.2(relu(head.0(features)))  # HiDisc projection"}
+        layers = sorted({int(k.split(".")[1]) for k in heads if k.startswith("head.")})
+        use = "features"
+        for i, layer in enumerate(layers):
+            use = f"head.{layer}({'relu(' + use + ')' if i else use})"
+        return {"kind": "mlp", "use": f"head = {use}  # HiDisc projection"}
     if "projection.weight" in heads:
         projection = "linear"
     elif "projection.0.weight" in heads:

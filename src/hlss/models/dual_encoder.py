@@ -9,7 +9,8 @@
 * ``heads``: ``{level: [B, A_level]}`` for ``head="text"``: one bias-free linear head per level
   whose weight rows are initialised to the level's attribute text embeddings, so at step 0
   output ``j`` is the cosine similarity of the image to attribute ``j``; or one tensor
-  ``[B, mlp_dim]`` for ``head="mlp"`` (the HiDisc baseline's shared projection MLP).
+  ``[B, mlp_dim]`` for ``head="mlp"`` (the HiDisc baseline's shared projection head: one
+  linear layer as published, or an MLP with ``mlp_hidden`` widths).
 
 The frozen text embeddings are persistent buffers ``text_<level>`` (saved in checkpoints, moved
 with ``.to(device)``, never trained), exposed as :attr:`DualEncoder.text_embeddings` for the
@@ -19,7 +20,7 @@ language-alignment losses.
 from __future__ import annotations
 
 import warnings
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -49,7 +50,9 @@ class DualEncoder(nn.Module):
             ``"linear"``), ``"linear"`` (``F -> D``), ``"mlp"`` (``F -> H -> D`` with ReLU,
             ``H = proj_hidden or F``) or ``"identity"`` (needs ``F == D``).
         proj_hidden: hidden width of the ``"mlp"`` projection (0 -> ``F``).
-        mlp_dim: output width of the ``head="mlp"`` head (``F -> F -> mlp_dim``).
+        mlp_dim: output width of the ``head="mlp"`` head.
+        mlp_hidden: hidden widths of the ``head="mlp"`` head, ReLU between layers; ``()`` (the
+            default, HiDisc's published ``mlp_hidden: []``) is one linear layer ``F -> mlp_dim``.
         center_text: subtract each level's mean attribute embedding (then renormalise) before
             storing the prototypes and initialising the heads. Sentence embeddings of one bank
             share a large common direction (mean pairwise cosine ~0.5 for MiniLM); without
@@ -73,6 +76,7 @@ class DualEncoder(nn.Module):
         proj_hidden: int = 0,
         mlp_dim: int = 128,
         center_text: bool = False,
+        mlp_hidden: Sequence[int] = (),
     ):
         super().__init__()
         if head not in HEADS:
@@ -98,11 +102,13 @@ class DualEncoder(nn.Module):
             self.text_dim = None
             self.projection = None
             self.projection_type = None
-            self.head = nn.Sequential(
-                nn.Linear(num_features, num_features),
-                nn.ReLU(inplace=True),
-                nn.Linear(num_features, int(mlp_dim)),
-            )
+            widths = [num_features, *(int(h) for h in mlp_hidden), int(mlp_dim)]
+            layers: list[nn.Module] = []
+            for i in range(len(widths) - 1):
+                if i:
+                    layers.append(nn.ReLU(inplace=True))
+                layers.append(nn.Linear(widths[i], widths[i + 1]))
+            self.head = nn.Sequential(*layers)
             self.heads = None
             self.mlp_dim = int(mlp_dim)
             return
@@ -245,6 +251,7 @@ def build_dual_encoder(
     proj_hidden: int = 0,
     mlp_dim: int = 128,
     center_text: bool = False,
+    mlp_hidden: Sequence[int] = (),
 ) -> DualEncoder:
     """Load the attribute banks, embed them (cached) and build a :class:`DualEncoder`.
 
@@ -258,7 +265,7 @@ def build_dual_encoder(
         bank_sizes: optional ``{level: size}`` truncations of banks given by name.
         text_cache_dir: text embedding cache folder (``None`` -> ``$HLSS_CACHE/text`` or
             ``~/.cache/hlss/text``).
-        head, projection, proj_hidden, mlp_dim: see :class:`DualEncoder`.
+        head, projection, proj_hidden, mlp_dim, mlp_hidden: see :class:`DualEncoder`.
 
     With ``projection="auto"``, a backbone and text encoder that both name a joint space
     (``joint_space`` attribute) but different ones get a learned linear projection even when
@@ -270,7 +277,9 @@ def build_dual_encoder(
     from hlss.models.attributes import embed_banks, load_banks
 
     if head == "mlp":
-        model = DualEncoder(backbone, None, None, head="mlp", mlp_dim=mlp_dim)
+        model = DualEncoder(
+            backbone, None, None, head="mlp", mlp_dim=mlp_dim, mlp_hidden=mlp_hidden
+        )
         model.attribute_banks = None
         return model
     if text_encoder is None:
