@@ -35,17 +35,6 @@ def _one_line(err: pytest.ExceptionInfo) -> str:
 
 
 # ---------------------------------------------------------------------------------------------
-# list_checkpoints
-
-
-def _touch(path, data: bytes = b"x") -> str:
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    with open(path, "wb") as handle:
-        handle.write(data)
-    return str(path)
-
-
-# ---------------------------------------------------------------------------------------------
 # loading trained models
 
 

@@ -15,7 +15,7 @@ import hydra
 from omegaconf import DictConfig
 
 from hlss.cache_admin import KINDS, CacheEntry, Inventory, clear, scan, totals
-from hlss.cli.common import command_argv, report_errors, run_hydra_command, user_errors_exit
+from hlss.cli.common import command_argv, report_errors, run_hydra_command
 from hlss.config import check_config
 from hlss.schemas.cache import CacheConfig
 from hlss.schemas.tools import to_typed
@@ -95,7 +95,6 @@ def _cache(cfg: DictConfig) -> None:
     print(format_cleared(inventory, removed, args.dry_run))
 
 
-@user_errors_exit
 def main(argv: list[str] | None = None) -> int:
     """Run ``hlss-cache`` with ``argv`` (default: the process's arguments); returns 0.
 

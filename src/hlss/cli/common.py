@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import functools
 import logging
 import os
 import sys
@@ -13,6 +12,7 @@ from typing import Any
 from hlss.errors import HLSSError
 
 EXIT_USER_ERROR = 2
+EXIT_INTERRUPTED = 130
 
 
 def _last_line(err: Exception) -> str:
@@ -114,6 +114,9 @@ def run_hydra_command(app: Callable[[], Any]) -> None:
             raise
         print(f"error: {one_line(err)}", file=sys.stderr)
         raise SystemExit(EXIT_USER_ERROR) from None
+    except KeyboardInterrupt:  # outside training (which saves and exits itself, see preemption)
+        print("interrupted", file=sys.stderr)
+        raise SystemExit(EXIT_INTERRUPTED) from None
     finally:  # a second command in the same process must see the user's setting, not ours
         if user_setting is None:
             os.environ.pop("HYDRA_FULL_ERROR", None)
@@ -172,23 +175,6 @@ def quiet_libraries() -> None:
         logging.getLogger(name).addFilter(drop)  # a filter already there is not added twice
     for message, category, module in DEPENDENCY_WARNINGS:
         warnings.filterwarnings("ignore", message=message, category=category, module=module)
-
-
-def user_errors_exit(func: Callable[..., int | None]) -> Callable[..., int | None]:
-    """Decorator for console-script mains: an :class:`HLSSError` becomes one stderr line + exit 2."""
-
-    @functools.wraps(func)
-    def wrapper(*args, **kwargs):
-        try:
-            return func(*args, **kwargs)
-        except HLSSError as err:
-            print(f"error: {err}", file=sys.stderr)
-            raise SystemExit(EXIT_USER_ERROR) from None
-        except KeyboardInterrupt:
-            print("interrupted", file=sys.stderr)
-            raise SystemExit(130) from None
-
-    return wrapper
 
 
 @contextlib.contextmanager

@@ -22,7 +22,7 @@ import time
 import hydra
 from omegaconf import DictConfig
 
-from hlss.cli.common import command_argv, report_errors, run_hydra_command, user_errors_exit
+from hlss.cli.common import command_argv, report_errors, run_hydra_command
 from hlss.config import check_config
 from hlss.data.opensrh import META_FILE
 from hlss.errors import HLSSError
@@ -165,7 +165,6 @@ def _demo(cfg: DictConfig) -> None:
     report_errors(demo, report_errors(to_typed, cfg))
 
 
-@user_errors_exit
 def main(argv: list[str] | None = None) -> int:
     """Run ``hlss-demo`` with ``argv`` (default: the process's arguments); returns 0.
 

@@ -13,7 +13,7 @@ import dataclasses
 import hydra
 from omegaconf import DictConfig
 
-from hlss.cli.common import command_argv, report_errors, run_hydra_command, user_errors_exit
+from hlss.cli.common import command_argv, report_errors, run_hydra_command
 from hlss.config import check_config
 from hlss.levels import LEVELS
 from hlss.schemas.export import ExportConfig
@@ -56,7 +56,6 @@ def _export(cfg: DictConfig) -> None:
     print("\n".join(summary_lines(result)))
 
 
-@user_errors_exit
 def main(argv: list[str] | None = None) -> int:
     """Run ``hlss-export`` with ``argv`` (default: the process's arguments); returns 0.
 

@@ -18,7 +18,7 @@ import time
 import hydra
 from omegaconf import DictConfig
 
-from hlss.cli.common import command_argv, report_errors, run_hydra_command, user_errors_exit
+from hlss.cli.common import command_argv, report_errors, run_hydra_command
 from hlss.config import check_config
 from hlss.data.opensrh import META_FILE, SPLIT_FILE
 from hlss.schemas.tools import SynthConfig, to_typed
@@ -59,7 +59,6 @@ def _synth(cfg: DictConfig) -> None:
     print(_summary(root, time.perf_counter() - start))
 
 
-@user_errors_exit
 def main(argv: list[str] | None = None) -> int:
     """Run ``hlss-synth`` with ``argv`` (default: the process's arguments); returns 0.
 

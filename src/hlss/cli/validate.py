@@ -21,7 +21,7 @@ import time
 import hydra
 from omegaconf import DictConfig
 
-from hlss.cli.common import command_argv, report_errors, run_hydra_command, user_errors_exit
+from hlss.cli.common import command_argv, report_errors, run_hydra_command
 from hlss.config import check_config
 from hlss.errors import ConfigError
 from hlss.schemas.tools import ValidateConfig, to_typed
@@ -99,7 +99,6 @@ def validate(args: ValidateConfig) -> int:
     return status
 
 
-@user_errors_exit
 def main(argv: list[str] | None = None) -> int:
     """Run ``hlss-validate`` with ``argv`` (default: the process's arguments).
 
