@@ -34,7 +34,7 @@ from omegaconf import OmegaConf
 from hlss.errors import ConfigError, HLSSError
 from hlss.export.card import model_card
 from hlss.export.evaluation import find_evaluation
-from hlss.export.facts import input_transform, provenance, training_data, training_summary
+from hlss.export.facts import input_transform, training_data, training_summary
 from hlss.export.weights import (
     BACKBONE_FILE,
     attribute_names,
@@ -48,6 +48,7 @@ from hlss.export.weights import (
     library_model,
     native_input,
 )
+from hlss.provenance import provenance
 
 __all__ = ["BACKBONE_FILE", "DTYPES", "FORMAT", "HEADS_FILE", "check_request", "export_model"]
 

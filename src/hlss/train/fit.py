@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import subprocess
 import warnings
 from collections.abc import Mapping
 
@@ -30,6 +29,7 @@ from hlss.config import (
     resolved_container,
 )
 from hlss.errors import ConfigError
+from hlss.provenance import provenance
 from hlss.tracking import prepare_tracking_uri
 from hlss.train.module import HLSSModule
 from hlss.train.resume import (
@@ -43,23 +43,6 @@ from hlss.train.resume import (
 from hlss.train.run_name import hydra_run_name
 
 log = logging.getLogger(__name__)
-
-
-def git_commit() -> str:
-    """The commit of the source checkout hlss runs from, or ``unknown`` (e.g. an installed wheel)."""
-    here = os.path.dirname(os.path.abspath(__file__))
-    try:
-        out = subprocess.run(
-            ["git", "rev-parse", "HEAD"],
-            cwd=here,
-            capture_output=True,
-            text=True,
-            timeout=5,
-            check=False,
-        )
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
-    return out.stdout.strip() if out.returncode == 0 and out.stdout.strip() else "unknown"
 
 
 def _continued_run_id(cfg: DictConfig, point: ResumePoint | None) -> str | None:
@@ -186,7 +169,7 @@ def run_training(cfg: DictConfig, output_dir: str) -> dict:
 
     ckpt_dir = os.path.join(output_dir, "checkpoints")
     tags = {
-        "git_commit": git_commit(),
+        "git_commit": provenance()["git_commit"] or "unknown",
         "output_dir": output_dir,
         "loss": str(cfg.loss.get("name", "")),
         "dataset": str(cfg.dataset.name),
