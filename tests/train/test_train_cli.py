@@ -87,6 +87,10 @@ def test_resume_auto_and_bad_resume(in_tmp, capsys):
     assert runs[0]["output_dir"] == first["output_dir"]
     ckpts = os.listdir(os.path.join(first["output_dir"], "checkpoints"))
     assert "step-0000003.ckpt" in ckpts
+    # resume=auto must find the continued run's newest state: last.ckpt itself, never last-v1
+    assert not [c for c in ckpts if "-v" in c], ckpts
+    last = load_checkpoint_file(os.path.join(first["output_dir"], "checkpoints", "last.ckpt"))
+    assert last["global_step"] == 3
     assert os.path.isfile(os.path.join(first["output_dir"], "config-resume-1.yaml"))
     capsys.readouterr()
     with pytest.raises(SystemExit) as exc:
