@@ -280,7 +280,8 @@ def attribute_banks(cfg: DictConfig) -> dict | None:
     if node is None:
         from hlss.models.attributes import load_banks
 
-        return load_banks()
+        modality = OmegaConf.select(cfg, "dataset.modality", default="srh")
+        return load_banks(modality=str(modality))
     return build(node)
 
 

@@ -162,8 +162,8 @@ def test_build_dual_encoder_from_packaged_banks(tmp_path):
     )
     assert model.num_attributes == {
         "patch": 6,
-        "slide": len(load_bank("slide")),
-        "patient": len(load_bank("patient")),
+        "slide": len(load_bank("srh_slide")),
+        "patient": len(load_bank("srh_patient")),
     }
     assert len(list(tmp_path.glob("text-*.pt"))) == 3
     mlp = build_dual_encoder(TinyBackbone(), None, head="mlp", mlp_dim=8)

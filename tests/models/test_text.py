@@ -11,7 +11,7 @@ import torch.nn.functional as F
 import yaml
 
 from hlss.errors import ConfigError
-from hlss.models.attributes import LEVELS, embed_banks, load_bank, load_banks, packaged_bank_names
+from hlss.models.attributes import LEVELS, embed_banks, load_bank, load_banks
 from hlss.models.sentence_sources import (
     PACKAGED_MINILM_SHA256,
     PACKAGED_MINILM_WEIGHTS,
@@ -298,21 +298,15 @@ def test_embed_prompts_rejects_empty_attribute(tmp_path):
 # attribute banks
 
 
-def test_packaged_banks(tmp_path):
-    assert packaged_bank_names() == ["patch", "patient", "slide"]
-    sizes = {}
-    for level in LEVELS:
-        bank = load_bank(level)
-        assert bank.level == level
-        assert len(set(bank.names)) == len(bank.names)
-        assert all(len(d) >= 3 for d in bank.descriptions)
-        sizes[level] = len(bank)
-    assert sizes["patch"] >= 20 and sizes["slide"] >= 12 and sizes["patient"] >= 10
-    assert len(load_bank("patch", level="patch", size=5)) == 5
-    banks = load_banks()
+def test_packaged_banks_embed_per_level(tmp_path):
+    banks = load_banks(modality="he")
     assert list(banks) == list(LEVELS)
+    assert all(bank.source.endswith(f"he_{lv}.yaml") for lv, bank in banks.items())
+    assert len(load_bank("srh_patch", level="patch", size=5)) == 5
     embs = embed_banks(TinyTextEncoder(dim=16), banks, cache_dir=tmp_path)
-    assert {lv: tuple(e.shape) for lv, e in embs.items()} == {lv: (sizes[lv], 16) for lv in LEVELS}
+    assert {lv: tuple(e.shape) for lv, e in embs.items()} == {
+        lv: (len(banks[lv]), 16) for lv in LEVELS
+    }
 
 
 def _write(tmp_path, doc, name="bank.yaml"):
@@ -381,4 +375,4 @@ def test_bank_wrong_level_and_missing_file(tmp_path):
     with pytest.raises(ConfigError, match="none packaged by that name"):
         load_bank("organ")
     with pytest.raises(ConfigError, match="unknown level"):
-        load_banks({"organ": "patch"})
+        load_banks({"organ": "srh_patch"})

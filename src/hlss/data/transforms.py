@@ -99,15 +99,26 @@ def _center_crop_or_resize(x: torch.Tensor, size: int) -> torch.Tensor:
     return x[:, top : top + size, left : left + size].contiguous()
 
 
+def _resize(x: torch.Tensor, size: int) -> torch.Tensor:
+    """Resize the whole of ``x`` ``(C, H, W)`` to ``(C, size, size)`` (bicubic, antialiased)."""
+    if x.shape[-2:] == (size, size):
+        return x
+    out = F.interpolate(x[None], size=(size, size), mode="bicubic", antialias=True)[0]
+    return out.clamp_(0.0, 1.0)
+
+
 class BaseTransform:
-    """Deterministic per-patch transform: modality base function, then optional centre crop.
+    """Deterministic per-patch transform: modality base function, then optional crop or resize.
 
     Plain picklable object (safe to send to DataLoader worker processes).
 
     Args:
         modality: ``"srh"`` (uses :func:`srh_base`) or ``"he"`` (uses :func:`he_base`).
-        size: if given, the output is centre-cropped to ``size x size``; an image with a side
-            shorter than ``size`` is resized up first (shorter side = ``size``).
+        size: if given, the output is ``size x size``: centre-cropped, where an image with a
+            side shorter than ``size`` is resized up first (shorter side = ``size``).
+        resize: with ``size``, resize the whole patch to ``size x size`` instead of cropping
+            (bicubic, antialiased; the HLSS paper fed 300-px OpenSRH patches to CLIP's RN50
+            this way at 224 px).
 
     Call:
         ``transform(raw) -> torch.Tensor`` of shape ``(3, H, W)`` or ``(3, size, size)``,
@@ -119,7 +130,7 @@ class BaseTransform:
         DataError: a raw patch with the wrong dtype/shape for the modality (at call time).
     """
 
-    def __init__(self, modality: str = "srh", size: int | None = None):
+    def __init__(self, modality: str = "srh", size: int | None = None, resize: bool = False):
         if modality not in MODALITIES:
             raise ConfigError(
                 f"unknown modality {modality!r}; expected one of {sorted(MODALITIES)}"
@@ -130,12 +141,16 @@ class BaseTransform:
             )
         self.modality = modality
         self.size = size
+        self.resize = bool(resize)
 
     def __call__(self, raw: np.ndarray | torch.Tensor) -> torch.Tensor:
         x = MODALITIES[self.modality](raw)
         if self.size is not None:
-            x = _center_crop_or_resize(x, self.size)
+            x = _resize(x, self.size) if self.resize else _center_crop_or_resize(x, self.size)
         return x
 
     def __repr__(self) -> str:
-        return f"{type(self).__name__}(modality={self.modality!r}, size={self.size!r})"
+        return (
+            f"{type(self).__name__}(modality={self.modality!r}, size={self.size!r}, "
+            f"resize={self.resize!r})"
+        )

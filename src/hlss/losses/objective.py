@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
+import torch
 from torch import Tensor, nn
 
 from hlss.levels import LEVELS
@@ -35,6 +36,9 @@ class HLSSObjective(nn.Module):
         align_weights: ``{level: weight}`` (any mapping, e.g. a ``DictConfig``); a missing level
             has weight 0, and a level with weight 0 is not computed (reported as 0).
         name: what the objective is called in configs and run names (``attr3levels``...).
+        align_trains: ``False`` computes and reports the alignment terms without gradients and
+            leaves them out of ``loss`` -- what the published HLSS code trained (it turned the
+            term into a Python float), for comparison with the paper's table.
 
     Raises:
         ValueError: ``hvc`` is not a module, or ``align_weights`` has an unknown level key or a
@@ -50,9 +54,11 @@ class HLSSObjective(nn.Module):
         align: nn.Module | None = None,
         align_weights: Mapping[str, float] = DEFAULT_WEIGHTS,
         name: str = "",
+        align_trains: bool = True,
     ):
         super().__init__()
         self.name = str(name)
+        self.align_trains = bool(align_trains)
         if not isinstance(hvc, nn.Module):
             raise ValueError(f"hvc must be an nn.Module, got {type(hvc).__name__}")
         if align is not None and not isinstance(align, nn.Module):
@@ -62,7 +68,9 @@ class HLSSObjective(nn.Module):
         self.align_weights = level_weights(align_weights, "align_weights")
 
     def extra_repr(self) -> str:
-        return f"align_weights={self.align_weights}" if self.align is not None else ""
+        if self.align is None:
+            return ""
+        return f"align_weights={self.align_weights}, align_trains={self.align_trains}"
 
     def forward(
         self,
@@ -84,7 +92,7 @@ class HLSSObjective(nn.Module):
         Returns:
             Scalar tensors ``hvc_patch``, ``hvc_slide``, ``hvc_patient``, ``hvc`` and, when
             ``align`` is set, ``align_patch``, ``align_slide``, ``align_patient``, ``align``
-            (weighted sum); ``loss = hvc (+ align)``.
+            (weighted sum); ``loss = hvc (+ align)`` (``align`` only when ``align_trains``).
 
         Raises:
             ValueError: a needed input or level entry is missing, or shapes do not match.
@@ -108,11 +116,13 @@ class HLSSObjective(nn.Module):
                 u = level_tensor(text_space, level, "text_space")
                 text = level_tensor(text_embeddings, level, "text_embeddings")
                 groups = level_tensor(ids, level, "ids")
-                term = self.align(u, text, groups)
+                with torch.set_grad_enabled(self.align_trains and torch.is_grad_enabled()):
+                    term = self.align(u, text, groups)
                 out[f"align_{level}"] = term
                 total = total + weight * term
             out["align"] = total
-            loss = loss + total
+            if self.align_trains:
+                loss = loss + total
         out["loss"] = loss
         return out
 
@@ -124,6 +134,7 @@ def hierarchical_objective(
     align: nn.Module | None = None,
     align_weights: Mapping[str, float] | None = None,
     name: str = "",
+    align_trains: bool = True,
 ) -> HLSSObjective:
     """The objective of a ``loss`` config: HVC from flat keys, the language tie as a nested node.
 
@@ -145,6 +156,8 @@ def hierarchical_objective(
         align_weights: language-tie ``{level: weight}``; ``None`` -> 1 at every level. Ignored
             when ``align`` is ``None``.
         name: the objective's name (``loss.name``), kept on the module.
+        align_trains: ``False``: the alignment is computed and logged but not back-propagated
+            (``experiment=opensrh_hlss_reference``: what the published code trained).
 
     Raises:
         ValueError: a temperature that is not a finite number > 0, an unknown level, or a
@@ -160,4 +173,5 @@ def hierarchical_objective(
         align=align,
         align_weights=DEFAULT_WEIGHTS if align_weights is None else align_weights,
         name=name,
+        align_trains=align_trains,
     )

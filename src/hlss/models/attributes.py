@@ -5,12 +5,15 @@ A bank is a YAML file::
     level: patch                 # patch | slide | patient
     attributes:
       - name: high cellularity
+        group: cellularity       # optional: attributes of one group exclude one another
         descriptions:
           - "densely packed tumour cells fill the field"
           - "..."
 
-The packaged banks (``hlss/models/attributes/{patch,slide,patient}.yaml``) are loaded by bare
-name: ``load_bank("patch")``. Anything else is a path to the user's own file.
+The packaged banks, 128 attributes per level for each modality the toolkit reads, are
+``hlss/models/attributes/<modality>_<level>.yaml`` (``srh_patch``, ..., ``he_patient``) and are
+loaded by bare name: ``load_bank("srh_patch")``. Anything else is a path to the user's own file.
+Attributes come most broadly useful first, so ``size=N`` keeps a sensible core.
 """
 
 from __future__ import annotations
@@ -35,12 +38,25 @@ class AttributeBank:
         names: ``A`` attribute names (unique).
         descriptions: ``A`` non-empty lists of sentences, ``descriptions[j]`` describes ``names[j]``.
         source: the file the bank was read from.
+        groups: ``A`` group names or ``None`` (no group). Attributes that share a group are
+            mutually exclusive alternatives (e.g. high / moderate / low cellularity); explanations
+            use this to count self-contradicting rankings. ``None`` for the whole bank: no groups.
     """
 
     level: str
     names: list[str]
     descriptions: list[list[str]]
     source: str = field(default="", compare=False)
+    groups: list[str | None] | None = None
+
+    def __post_init__(self) -> None:
+        if self.groups is None:
+            self.groups = [None] * len(self.names)
+        if len(self.groups) != len(self.names):
+            raise ConfigError(
+                f"{self.source or 'attribute bank'}: {len(self.groups)} groups for "
+                f"{len(self.names)} attributes"
+            )
 
     def __len__(self) -> int:
         return len(self.names)
@@ -51,9 +67,28 @@ class AttributeBank:
         return len(self.names)
 
 
+MODALITIES = ("srh", "he")
+
+
 def packaged_bank_names() -> list[str]:
-    """Names of the banks shipped with the package (``["patch", "patient", "slide"]``)."""
+    """Names of the banks shipped with the package (``"he_patch"``, ..., ``"srh_slide"``)."""
     return packaged_names("attributes")
+
+
+def packaged_bank_name(modality: str, level: str) -> str:
+    """The packaged bank of ``level`` for images of ``modality`` (``"srh"`` or ``"he"``).
+
+    Raises:
+        ConfigError: an unknown modality or level.
+    """
+    if modality not in MODALITIES:
+        raise ConfigError(
+            f"attributes.modality: {modality!r} has no packaged banks "
+            f"(packaged: {', '.join(MODALITIES)}; or give your own bank files)"
+        )
+    if level not in LEVELS:
+        raise ConfigError(f"attributes: unknown level {level!r} (levels: {', '.join(LEVELS)})")
+    return f"{modality}_{level}"
 
 
 def load_bank(
@@ -62,7 +97,7 @@ def load_bank(
     """Load and validate an attribute bank.
 
     Args:
-        path_or_name: a packaged bank name (``"patch"``, ``"slide"``, ``"patient"``) or a YAML path.
+        path_or_name: a packaged bank name (``"srh_patch"``, ..., ``"he_patient"``) or a YAML path.
         level: the level the caller expects; ``None`` accepts the file's level. A file without a
             ``level`` key takes this one.
         size: keep only the first ``size`` attributes.
@@ -73,8 +108,8 @@ def load_bank(
     Raises:
         ConfigError: (one line naming the file) missing file, malformed YAML, not a mapping, no
             attributes, an attribute without a name or without descriptions, a non-string
-            description, duplicate names, an unknown or unexpected level, or ``size`` larger than
-            the bank / smaller than 1.
+            description, a group that is not text, duplicate names, an unknown or unexpected
+            level, or ``size`` larger than the bank / smaller than 1.
     """
     where, doc = load_packaged_or_file(path_or_name, "attributes", "attribute bank")
     if not isinstance(doc, Mapping):
@@ -93,6 +128,7 @@ def load_bank(
         raise ConfigError(f"{where}: 'attributes' must be a non-empty list")
     names: list[str] = []
     descriptions: list[list[str]] = []
+    groups: list[str | None] = []
     seen: dict[str, int] = {}
     for i, item in enumerate(attrs):
         if not isinstance(item, Mapping):
@@ -116,9 +152,13 @@ def load_bank(
             raise ConfigError(
                 f"{where}: duplicate attribute name {name!r} (attributes[{seen[key]}] and [{i}])"
             )
+        group = item.get("group")
+        if group is not None and (not isinstance(group, str) or not group.strip()):
+            raise ConfigError(f"{where}: attribute {name!r} has a group that is not text")
         seen[key] = i
         names.append(name)
         descriptions.append([d.strip() for d in descs])
+        groups.append(group.strip() if group is not None else None)
 
     if size is not None:
         size = int(size)
@@ -126,18 +166,24 @@ def load_bank(
             raise ConfigError(f"{where}: requested bank size {size} must be >= 1")
         if size > len(names):
             raise ConfigError(f"{where}: requested {size} attributes but the bank has {len(names)}")
-        names, descriptions = names[:size], descriptions[:size]
-    return AttributeBank(level=file_level, names=names, descriptions=descriptions, source=where)
+        names, descriptions, groups = names[:size], descriptions[:size], groups[:size]
+    return AttributeBank(
+        level=file_level, names=names, descriptions=descriptions, source=where, groups=groups
+    )
 
 
 def load_banks(
-    banks: Mapping[str, str] | None = None, sizes: Mapping[str, int | None] | None = None
+    banks: Mapping[str, str] | None = None,
+    sizes: Mapping[str, int | None] | None = None,
+    modality: str = "srh",
 ) -> dict[str, AttributeBank]:
     """Load one bank per level.
 
     Args:
-        banks: ``{level: packaged name or path}``; ``None`` -> the packaged bank of every level.
+        banks: ``{level: packaged name or path}``; ``None`` -> the packaged bank of every level
+            for ``modality``.
         sizes: optional ``{level: size}`` truncations.
+        modality: the images' modality, ``"srh"`` or ``"he"`` (only used when ``banks`` is None).
 
     Returns:
         ``{level: AttributeBank}`` in :data:`LEVELS` order.
@@ -145,7 +191,9 @@ def load_banks(
     Raises:
         ConfigError: an unknown level key, or any :func:`load_bank` problem.
     """
-    banks = dict(banks) if banks is not None else {lv: lv for lv in LEVELS}
+    if banks is None:
+        banks = {lv: packaged_bank_name(modality, lv) for lv in LEVELS}
+    banks = dict(banks)
     sizes = dict(sizes or {})
     for key in (*banks, *sizes):
         if key not in LEVELS:
@@ -154,17 +202,21 @@ def load_banks(
 
 
 def attribute_banks(
-    patch: str | None = "patch",
-    slide: str | None = "slide",
-    patient: str | None = "patient",
+    patch: str | None = "packaged",
+    slide: str | None = "packaged",
+    patient: str | None = "packaged",
     size: int | None = None,
+    modality: str = "srh",
 ) -> dict[str, AttributeBank]:
     """The ``attributes`` config node: one bank per level, by packaged name or YAML path.
 
     Args:
-        patch, slide, patient: a packaged bank name (``"patch"``) or the path of a bank file;
-            ``None`` leaves the level without a bank (no head, no language term there).
+        patch, slide, patient: ``"packaged"`` (the bank shipped for ``modality`` and that level),
+            a packaged bank name (``"he_patch"``) or the path of a bank file; ``None`` leaves the
+            level without a bank (no head, no language term there).
         size: keep only the first ``size`` attributes of every bank (``None``: all).
+        modality: the dataset's modality (``"srh"`` or ``"he"``; the ``dataset.modality`` key),
+            which picks the packaged banks.
 
     Returns:
         ``{level: AttributeBank}`` for the levels given, finest first.
@@ -174,7 +226,11 @@ def attribute_banks(
             bank cannot give.
     """
     names = {"patch": patch, "slide": slide, "patient": patient}
-    chosen = {lv: str(name) for lv, name in names.items() if name is not None}
+    chosen = {
+        lv: packaged_bank_name(modality, lv) if name == "packaged" else str(name)
+        for lv, name in names.items()
+        if name is not None
+    }
     return load_banks(chosen, dict.fromkeys(chosen, size))
 
 

@@ -266,10 +266,32 @@ def _attnpool_any_size(pool: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return out[0]
 
 
+def activation_matched_name(model: str, tag: str | None) -> str:
+    """The open_clip model name whose activation matches the weights of ``tag``.
+
+    OpenAI's CLIP and the RN50/RN101 CC12M and YFCC15M weights were trained with QuickGELU
+    (``x * sigmoid(1.702 x)``); open_clip builds ``RN50`` with GELU and only warns when such
+    weights are loaded, which shifts every text embedding. For those tags this returns the
+    ``-quickgelu`` variant (``"RN50"`` + ``"cc12m"`` -> ``"RN50-quickgelu"``); otherwise ``model``.
+    """
+    import open_clip
+
+    if tag is None or model.startswith(("hf-hub:", "local-dir:")) or model.endswith("-quickgelu"):
+        return model
+    cfg = open_clip.get_pretrained_cfg(model, tag) or {}
+    quick = f"{model}-quickgelu"
+    if cfg.get("quick_gelu") and open_clip.get_model_config(quick) is not None:
+        return quick
+    return model
+
+
 def open_clip_source(model: str, pretrained: bool | str | None) -> tuple[str, str | None, str]:
     """Resolve ``(model, pretrained)`` to ``(model_name, pretrained_arg, kind)`` for open_clip.
 
-    ``kind`` is ``"random"``, ``"hub"`` (tag or ``hf-hub:`` id) or ``"file"``.
+    ``kind`` is ``"random"``, ``"hub"`` (tag or ``hf-hub:`` id) or ``"file"``. For a tag whose
+    weights were trained with QuickGELU the model name is the ``-quickgelu`` variant
+    (:func:`activation_matched_name`); a checkpoint file is taken with the name given, so name
+    the variant yourself (``model=RN50-quickgelu``) for a file of such weights.
 
     Raises:
         ConfigError: a path-like ``pretrained`` that does not exist, or an unknown tag.
@@ -282,7 +304,7 @@ def open_clip_source(model: str, pretrained: bool | str | None) -> tuple[str, st
         tags = open_clip.list_pretrained_tags_by_model(model)
         if not tags:
             raise ConfigError(f"pretrained: open_clip has no default weights for model {model!r}")
-        return model, tags[0], "hub"
+        return activation_matched_name(model, tags[0]), tags[0], "hub"
     if not isinstance(pretrained, str):
         raise ConfigError(
             f"pretrained: expected false, true, a tag or a file path, got {pretrained!r}"
@@ -295,7 +317,7 @@ def open_clip_source(model: str, pretrained: bool | str | None) -> tuple[str, st
         return model, os.path.expanduser(pretrained), "file"
     tags = open_clip.list_pretrained_tags_by_model(model)
     if pretrained in tags:
-        return model, pretrained, "hub"
+        return activation_matched_name(model, pretrained), pretrained, "hub"
     if _looks_like_path(pretrained):
         raise ConfigError(f"pretrained: checkpoint file {pretrained!r} not found")
     raise ConfigError(
@@ -350,7 +372,7 @@ def _build_open_clip_visual(
     embed_dim = getattr(visual, "output_dim", None) or _config_embed_dim(name)
     if embed_dim is None:
         raise ConfigError(f"backbone clip_rn50: cannot tell the embedding width of {model!r}")
-    space = f"open_clip:{model}:{pretrained if kind != 'file' else os.path.abspath(arg)}"
+    space = f"open_clip:{name}:{pretrained if kind != 'file' else os.path.abspath(arg)}"
     backbone = OpenCLIPVisual(visual, embed_dim, joint_space=space)
     if kind == "file":
         state = _read_state_dict(arg, what)

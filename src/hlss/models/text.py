@@ -250,13 +250,14 @@ class OpenCLIPTextEncoder:
     ):
         from hlss.models.backbones import open_clip_source
 
-        self.model_name = model
         self.pretrained = pretrained
         self.seed = int(seed)
         self.device = device
         self.batch_size = int(batch_size)
         self.cache_dir = cache_dir
-        _, arg, kind = open_clip_source(model, pretrained)  # validates early (no loading)
+        # validates early (no loading); a QuickGELU tag picks the ``-quickgelu`` model name
+        model, arg, kind = open_clip_source(model, pretrained)
+        self.model_name = model
         self._kind = kind
         if kind == "file":
             st = os.stat(arg)
