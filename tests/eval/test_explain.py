@@ -10,11 +10,15 @@ import torch
 from hlss.errors import HLSSError
 from hlss.eval.explain import (
     COLUMNS,
+    contradictions,
     explain_levels,
+    explanation_quality,
     format_examples,
     top_attributes,
+    trust_labels,
     write_explanations,
 )
+from hlss.levels import LEVELS
 from hlss.models.attributes import AttributeBank
 
 S2 = np.sqrt(2.0)
@@ -218,10 +222,60 @@ def test_write_and_format(tmp_path):
 
     text_block = format_examples(df, n_per_level=1)
     lines = text_block.splitlines()
-    assert lines == [
-        "patch P1/1/p0.tif: pa (1.00), pb (0.00)",
-        "slide P1/1: s01 (0.95), s0 (0.89)",
-        "patient P1: t_mix (0.94), t0 (0.82)",
+    expected = [
+        ("patch P1/1/p0.tif", "pa (1.00), pb (0.00)"),
+        ("slide P1/1", "s01 (0.95), s0 (0.89)"),
+        ("patient P1", "t_mix (0.94), t0 (0.82)"),
     ]
+    firsts = df[df["rank"] == 1].groupby("level", sort=False).head(1)
+    for line, (name, attrs), (_, row) in zip(lines, expected, firsts.iterrows(), strict=True):
+        note = f"trust {row['trust']}, z {row['top_z']:.1f}"
+        assert line == f"{name} [{note}]: {attrs}"
     assert len(format_examples(df, n_per_level=2).splitlines()) == 6
     assert format_examples(df.iloc[:0]) == "(no attribute explanations)"
+
+
+def test_top_z_against_its_formula():
+    rng = np.random.default_rng(0)
+    emb, bank = rng.normal(size=(7, 6)), rng.normal(size=(9, 6))
+    _, _, z = top_attributes(emb, bank, [str(i) for i in range(9)], k=3, return_z=True)
+    e = emb / np.linalg.norm(emb, axis=1, keepdims=True)
+    b = bank / np.linalg.norm(bank, axis=1, keepdims=True)
+    sims = e @ b.T
+    ref = (sims.max(1) - sims.mean(1)) / sims.std(1)
+    np.testing.assert_allclose(z, ref, rtol=1e-4)
+    # a bank of identical attributes gives no signal at all
+    _, _, flat = top_attributes(emb, np.ones((4, 6)), list("abcd"), return_z=True)
+    assert np.all(flat == 0)
+
+
+def test_contradictions_need_two_ranked_attributes_of_one_group():
+    groups = ["cellularity", "cellularity", "necrosis", None, None]
+    idx = np.array([[0, 1, 2], [0, 2, 3], [3, 4, 2], [1, 3, 0]])
+    assert contradictions(idx, groups).tolist() == [True, False, False, True]
+    assert trust_labels(np.array([4.0, 4.0, 3.0, 1.0]), np.array([1, 0, 0, 0], bool)).tolist() == [
+        "low",
+        "high",
+        "medium",
+        "low",
+    ]
+
+
+def test_explanation_quality_summarises_each_level():
+    emb, index, text, banks = _hierarchy()
+    banks = dict(banks)
+    banks["slide"] = AttributeBank(
+        "slide", ["s0", "s1", "s2", "s01"], [["x"]] * 4, groups=["g", "g", "g", "g"]
+    )
+    df = explain_levels(emb, index, text, banks, k=2)
+    quality = explanation_quality(df)
+    assert list(quality) == list(LEVELS)
+    for lv, q in quality.items():
+        firsts = df[(df["level"] == lv) & (df["rank"] == 1)]
+        assert q["entities"] == len(firsts)
+        assert q["top_z_mean"] == pytest.approx(firsts["top_z"].mean())
+        assert q["trust_high"] + q["trust_medium"] + q["trust_low"] == pytest.approx(1.0)
+    # every slide's top two attributes share the one group: all contradict, none is trusted
+    assert quality["slide"]["contradiction_rate"] == 1.0
+    assert quality["slide"]["trust_low"] == 1.0
+    assert quality["patch"]["contradiction_rate"] == 0.0

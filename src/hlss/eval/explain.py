@@ -14,6 +14,19 @@ embedding in words:
 :func:`explain_levels` returns one long table (one row per entity and rank), which
 :func:`write_explanations` saves as CSV and :func:`format_examples` turns into a few readable
 lines for a terminal.
+
+**How far to trust an explanation.** A ranking is only worth reading when its top attribute
+stands out from the rest of the bank and the top attributes do not contradict one another. Every
+entity carries
+
+* ``top_z`` -- how many standard deviations the top attribute's similarity lies above the mean
+  similarity to the whole bank (a flat ranking is near 1-2; 128 random attributes give ~2.5);
+* ``contradiction`` -- whether two of its top-``k`` attributes belong to one group of mutually
+  exclusive alternatives (e.g. "high cellularity" and "low cellularity"; banks declare groups);
+* ``trust`` -- ``high`` (``top_z >= 3.5``, no contradiction), ``medium`` (``top_z >= 2.5``, no
+  contradiction) or ``low``.
+
+:func:`explanation_quality` summarises them per level (``summary.json``, ``explain_quality``).
 """
 
 from __future__ import annotations
@@ -32,8 +45,22 @@ from hlss.errors import HLSSError
 from hlss.eval.arrays import check_2d, rows_f32
 from hlss.levels import LEVELS
 
-COLUMNS = ("level", "patient", "slide", "path", "rank", "attribute", "score")
+COLUMNS = (
+    "level",
+    "patient",
+    "slide",
+    "path",
+    "rank",
+    "attribute",
+    "score",
+    "top_z",
+    "contradiction",
+    "trust",
+)
 """Columns of the table returned by :func:`explain_levels`."""
+
+#: ``top_z`` thresholds of the ``high`` and ``medium`` trust labels.
+TRUST_Z = {"high": 3.5, "medium": 2.5}
 
 _CHUNK = 65536
 
@@ -44,7 +71,8 @@ def top_attributes(
     names: Sequence[str],
     k: int = 5,
     chunk_size: int = _CHUNK,
-) -> tuple[np.ndarray, np.ndarray]:
+    return_z: bool = False,
+) -> tuple[np.ndarray, ...]:
     """Rank a bank's attributes for every embedding by cosine similarity.
 
     Both inputs are L2-normalised here (float16 is fine). Ties are broken by the lower attribute
@@ -57,10 +85,14 @@ def top_attributes(
             returned ``idx``).
         k: how many attributes to return per row; capped at ``A``.
         chunk_size: rows processed at a time.
+        return_z: also return ``top_z`` ``[n]`` float32: the top similarity's distance from the
+            row's mean similarity over all ``A`` attributes, in row standard deviations (0 when
+            every attribute scores the same).
 
     Returns:
         ``(idx, scores)``: ``idx`` ``[n, min(k, A)]`` int64 attribute indices, best first;
-        ``scores`` the matching ``[n, min(k, A)]`` float32 cosine similarities (descending).
+        ``scores`` the matching ``[n, min(k, A)]`` float32 cosine similarities (descending);
+        ``(idx, scores, top_z)`` with ``return_z``.
 
     Raises:
         ValueError: an input is not 2-D, ``k < 1`` or ``chunk_size < 1``.
@@ -86,6 +118,7 @@ def top_attributes(
     bank = F.normalize(rows_f32(bank_text), dim=-1)
     idx = np.empty((n, kk), dtype=np.int64)
     scores = np.empty((n, kk), dtype=np.float32)
+    top_z = np.zeros(n, dtype=np.float32)
     step = int(chunk_size)
     with torch.no_grad():
         for start in range(0, n, step):
@@ -93,7 +126,40 @@ def top_attributes(
             order = np.argsort(-sims, axis=1, kind="stable")[:, :kk]
             idx[start : start + step] = order
             scores[start : start + step] = np.take_along_axis(sims, order, axis=1)
-    return idx, scores
+            std = sims.std(axis=1)
+            spread = sims.max(axis=1) - sims.mean(axis=1)
+            top_z[start : start + step] = np.where(std > 1e-12, spread / np.maximum(std, 1e-12), 0)
+    return (idx, scores, top_z) if return_z else (idx, scores)
+
+
+def contradictions(idx: np.ndarray, groups: Sequence[str | None]) -> np.ndarray:
+    """``[n]`` bool: whether two of a row's ranked attributes share a group.
+
+    Args:
+        idx: ``[n, k]`` attribute indices (from :func:`top_attributes`).
+        groups: the bank's ``A`` group names; ``None`` = the attribute has no group.
+    """
+    if idx.size == 0:
+        return np.zeros(len(idx), dtype=bool)
+    codes = {g: i for i, g in enumerate(dict.fromkeys(g for g in groups if g is not None))}
+    # attributes without a group get codes of their own, so they never clash
+    code_of = np.array(
+        [codes[g] if g is not None else len(codes) + j for j, g in enumerate(groups)],
+        dtype=np.int64,
+    )
+    ranked = np.sort(code_of[idx], axis=1)
+    return (np.diff(ranked, axis=1) == 0).any(axis=1)
+
+
+def trust_labels(top_z: np.ndarray, contradiction: np.ndarray) -> np.ndarray:
+    """``high`` / ``medium`` / ``low`` per entity (see the module docstring)."""
+    clean = ~np.asarray(contradiction, dtype=bool)
+    z = np.asarray(top_z, dtype=np.float32)
+    return np.where(
+        clean & (z >= TRUST_Z["high"]),
+        "high",
+        np.where(clean & (z >= TRUST_Z["medium"]), "medium", "low"),
+    ).astype(object)
 
 
 def _group_means(text_space, codes: np.ndarray, groups: int, chunk_size: int) -> torch.Tensor:
@@ -120,9 +186,14 @@ def _long_table(
     idx: np.ndarray,
     scores: np.ndarray,
     names: Sequence[str],
+    top_z: np.ndarray,
+    groups: Sequence[str | None],
 ) -> pd.DataFrame:
-    """One row per (entity, rank) from per-entity keys and ``[G, k]`` ranking arrays."""
+    """One row per (entity, rank) from per-entity keys and ``[G, k]`` ranking arrays; the
+    entity's ``top_z``, ``contradiction`` and ``trust`` repeat on each of its rows."""
     g, k = idx.shape
+    contra = contradictions(idx, groups)
+    trust = trust_labels(top_z, contra)
     return pd.DataFrame(
         {
             "level": np.full(g * k, level, dtype=object),
@@ -132,6 +203,9 @@ def _long_table(
             "rank": np.tile(np.arange(1, k + 1, dtype=np.int64), g),
             "attribute": np.asarray(list(names), dtype=object)[idx.reshape(-1)],
             "score": scores.reshape(-1).astype(np.float32),
+            "top_z": np.repeat(top_z.astype(np.float32), k),
+            "contradiction": np.repeat(contra, k),
+            "trust": np.repeat(trust, k),
         },
         columns=list(COLUMNS),
     )
@@ -172,8 +246,9 @@ def explain_levels(
         chunk_size: rows processed at a time.
 
     Returns:
-        A DataFrame with columns ``level, patient, slide, path, rank, attribute, score``: one
-        row per (entity, rank), ``rank`` 1..k (best first), ``score`` the cosine similarity.
+        A DataFrame with the :data:`COLUMNS`: one row per (entity, rank), ``rank`` 1..k (best
+        first), ``score`` the cosine similarity, and the entity's ``top_z``, ``contradiction``
+        and ``trust`` (module docstring) on each of its rows.
         ``path`` is ``""`` for slide and patient rows and ``slide`` is ``""`` for patient rows.
         Patch rows follow ``index`` order; slides and patients are sorted by their keys.
 
@@ -207,15 +282,18 @@ def explain_levels(
     parts: list[pd.DataFrame] = []
     for lv in levels:
         names = list(banks[lv].names)
+        groups = list(getattr(banks[lv], "groups", None) or [None] * len(names))
         bank_text = text_embeddings[lv]
         if lv == "patch":
             rows = m if patches is None else min(int(patches), m)
             if rows == 0:
                 continue
             emb = text_space[:rows]
-            idx, scores = top_attributes(emb, bank_text, names, k, step)
+            idx, scores, z = top_attributes(emb, bank_text, names, k, step, return_z=True)
             path = index["path"].astype(str).to_numpy()[:rows]
-            parts.append(_long_table(lv, patient[:rows], slide[:rows], path, idx, scores, names))
+            parts.append(
+                _long_table(lv, patient[:rows], slide[:rows], path, idx, scores, names, z, groups)
+            )
             continue
         if m == 0:
             continue
@@ -225,17 +303,39 @@ def explain_levels(
         group_keys = grouped.size().index  # the keys in the same order
         g = len(group_keys)
         means = _group_means(text_space, codes, g, step)
-        idx, scores = top_attributes(means, bank_text, names, k, step)
+        idx, scores, z = top_attributes(means, bank_text, names, k, step, return_z=True)
         empty = np.full(g, "", dtype=object)
         if lv == "slide":
             g_patient = group_keys.get_level_values("patient").to_numpy()
             g_slide = group_keys.get_level_values("slide").to_numpy()
         else:
             g_patient, g_slide = group_keys.to_numpy(), empty
-        parts.append(_long_table(lv, g_patient, g_slide, empty, idx, scores, names))
+        parts.append(_long_table(lv, g_patient, g_slide, empty, idx, scores, names, z, groups))
     if not parts:
         return pd.DataFrame({c: pd.Series(dtype=object) for c in COLUMNS})
     return pd.concat(parts, ignore_index=True)
+
+
+def explanation_quality(df: pd.DataFrame) -> dict[str, dict[str, float]]:
+    """Per level: how sharp and how self-consistent the explanations of a table are.
+
+    Returns:
+        ``{level: {"entities", "top_z_mean", "top_z_median", "contradiction_rate", "trust_high",
+        "trust_medium", "trust_low"}}`` (rates are fractions of the level's entities).
+    """
+    out: dict[str, dict[str, float]] = {}
+    firsts = df[df["rank"] == 1]
+    for lv in [lv for lv in LEVELS if lv in set(firsts["level"])]:
+        sub = firsts[firsts["level"] == lv]
+        trust = sub["trust"].astype(str)
+        out[lv] = {
+            "entities": len(sub),
+            "top_z_mean": float(sub["top_z"].mean()),
+            "top_z_median": float(sub["top_z"].median()),
+            "contradiction_rate": float(sub["contradiction"].astype(bool).mean()),
+            **{f"trust_{t}": float((trust == t).mean()) for t in ("high", "medium", "low")},
+        }
+    return out
 
 
 def write_explanations(df: pd.DataFrame, path: str | os.PathLike, overwrite: bool = False) -> Path:
@@ -270,9 +370,9 @@ def format_examples(df: pd.DataFrame, n_per_level: int = 2, decimals: int = 2) -
 
     Example::
 
-        patch NIO_012/1/NIO_012-1-0_0_0_0.tif: high cellularity (0.71), enlarged nuclei (0.64)
-        slide NIO_012/1: diffuse infiltration (0.58), ...
-        patient NIO_012: homogeneous tumour (0.49), ...
+        patch NIO_012/1/NIO_012-1-0_0_0_0.tif [trust high, z 4.1]: high cellularity (0.71), ...
+        slide NIO_012/1 [trust low, z 1.9, contradicts itself]: diffuse infiltration (0.58), ...
+        patient NIO_012 [trust medium, z 2.8]: homogeneous tumour (0.49), ...
 
     Patches are named ``patient/slide/<file name>``, slides ``patient/slide``. Entities are
     taken in table order (the first rows of each level).
@@ -310,5 +410,8 @@ def format_examples(df: pd.DataFrame, n_per_level: int = 2, decimals: int = 2) -
                 f"{a} ({s:.{decimals}f})"
                 for a, s in zip(rows["attribute"], rows["score"], strict=True)
             )
-            lines.append(f"{lv} {name}: {attrs}")
+            note = f"trust {head['trust']}, z {float(head['top_z']):.1f}"
+            if str(head["contradiction"]).lower() in ("true", "1"):
+                note += ", contradicts itself"
+            lines.append(f"{lv} {name} [{note}]: {attrs}")
     return "\n".join(lines) if lines else "(no attribute explanations)"

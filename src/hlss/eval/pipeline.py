@@ -105,11 +105,16 @@ def language_outputs(cfg, run_cfg, ckpt, table, transform, out, info) -> dict:
     the final checkpoint of a model with a text space.
 
     Returns:
-        ``{"files": {...}}`` plus, when enabled, ``zero_shot`` (metrics), ``attributes_csv`` and
-        ``attribute_examples``.
+        ``{"files": {...}}`` plus, when enabled, ``zero_shot`` (metrics), ``attributes_csv``,
+        ``attribute_examples`` and ``explain_quality``.
     """
     from hlss.config import attribute_banks
-    from hlss.eval.explain import explain_levels, format_examples, write_explanations
+    from hlss.eval.explain import (
+        explain_levels,
+        explanation_quality,
+        format_examples,
+        write_explanations,
+    )
     from hlss.eval.zero_shot import load_class_prompts, zero_shot_scores
     from hlss.models.text import embed_prompts
 
@@ -139,6 +144,7 @@ def language_outputs(cfg, run_cfg, ckpt, table, transform, out, info) -> dict:
         write_explanations(df, path)
         results["attributes_csv"] = results["files"]["attributes"] = path
         results["attribute_examples"] = format_examples(df, n_per_level=2)
+        results["explain_quality"] = explanation_quality(df)
     return results
 
 
