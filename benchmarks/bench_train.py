@@ -1,131 +1,136 @@
-"""Training-step benchmark on the default configuration; prints one JSON object.
+"""Training-step benchmark (the ``train`` section of ``make bench``); prints one JSON object.
 
-* seconds per step and images per second of a whole step (data loading, batched augmentation,
-  forward, HLSS objective, backward, optimiser step), as ``hlss-train`` runs it;
-* the cost of the HLSS parts: a full HLSS forward+backward of a fixed batch against a
-  backbone-only forward+backward of the same images.
+:func:`measure` builds the default HLSS model and objective (three text heads, three contrastive
+terms, the alignment) and times, on one fixed hierarchy batch of random images:
 
-Usage: python benchmarks/bench_train.py [--steps 10] [override ...]   (Hydra overrides, e.g. loader.patients=16)
+* ``step_s``: a full HLSS step (forward, objective, backward, AdamW step);
+* ``backbone_only_step_s``: a backbone-only forward + backward + AdamW step on the same images;
+* ``step_ratio``: median over paired runs (one of each, alternating) of full / backbone-only;
+* ``overhead_fraction``: everything but the backbone (projection, heads, the three contrastive
+  terms, the alignment, their backward), timed alone on the same (detached) backbone features,
+  over the backbone's forward + backward.
+
+Usage: python benchmarks/bench_train.py [--quick] [override ...]   (Hydra overrides, e.g. backbone=resnet50)
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import tempfile
 import time
 
 import torch
 from hydra import compose, initialize_config_module
 
-from hlss.config import build_datamodule, build_model, build_objective, register_resolvers
-from hlss.devices import resolve_device
+from hlss.config import build_model, build_objective, register_resolvers
 from hlss.schemas import register_schemas
 from hlss.train.module import hierarchy_ids
 
 
-def timed(fn, repeats: int, device: torch.device) -> float:
-    fn()  # warm-up
+def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize()
+
+
+def _timed(fn, device: torch.device) -> float:
+    _sync(device)
     start = time.perf_counter()
-    for _ in range(repeats):
-        fn()
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    return (time.perf_counter() - start) / repeats
+    fn()
+    _sync(device)
+    return time.perf_counter() - start
+
+
+def _batch(shape: tuple[int, int, int, int], size: int, device: torch.device) -> dict:
+    """A hierarchy batch ``[P, S, N, T, 3, size, size]`` with globally distinct ids."""
+    P, S, N, T = shape
+    gen = torch.Generator().manual_seed(0)
+    return {
+        "image": torch.rand(P, S, N, T, 3, size, size, generator=gen).to(device),
+        "patient": torch.arange(P, device=device),
+        "slide": torch.arange(P * S, device=device).view(P, S),
+        "patch": torch.arange(P * S * N, device=device).view(P, S, N),
+    }
+
+
+def measure(
+    quick: bool = False, overrides: list[str] | None = None, device: torch.device | None = None
+) -> dict:
+    """The ``train`` section: ``{"step_s", "backbone_only_step_s", "step_ratio",
+    "overhead_fraction"}`` (seconds, and ratios of medians over paired runs)."""
+    device = torch.device("cpu") if device is None else device
+    register_resolvers()
+    register_schemas()
+    root = tempfile.mkdtemp(prefix="hlss-bench-train-")
+    with initialize_config_module("hlss.conf", version_base="1.3"):
+        cfg = compose(
+            "train",
+            overrides=[f"paths.root={root}", f"paths.output_dir={root}/run", *(overrides or [])],
+        )
+    shape, size, pairs = ((2, 2, 2, 2), 64, 3) if quick else ((4, 2, 2, 2), 160, 5)
+    model = build_model(cfg).to(device).train()
+    objective = build_objective(cfg).to(device)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=1e-6)
+    batch = _batch(shape, size, device)
+    flat = batch["image"].reshape(-1, 3, size, size)
+    ids = hierarchy_ids(batch)
+    text = getattr(model, "text_embeddings", None)
+
+    def objective_of(features: torch.Tensor) -> torch.Tensor:
+        """Everything after the backbone: projection, heads, the objective."""
+        if model.head_type == "mlp":
+            return objective(model.head(features), ids)["loss"]
+        text_space = model.project(features)
+        heads = {level: model.heads[level](text_space) for level in model.levels}
+        return objective(heads, ids, text_embeddings=text, text_space=text_space)["loss"]
+
+    def full_step() -> None:
+        optimizer.zero_grad(set_to_none=True)
+        objective_of(model.backbone(flat)).backward()
+        optimizer.step()
+
+    def backbone_step() -> None:
+        optimizer.zero_grad(set_to_none=True)
+        model.backbone(flat).pow(2).mean().backward()
+        optimizer.step()
+
+    features = model.backbone(flat).detach()
+    grad = torch.randn_like(features)
+
+    def backbone_fwd_bwd() -> None:
+        model.zero_grad(set_to_none=True)
+        model.backbone(flat).backward(grad)
+
+    def overhead() -> None:
+        model.zero_grad(set_to_none=True)
+        objective_of(features.clone().requires_grad_(True)).backward()
+
+    full_step()  # warm-up (allocations, lazy initialisation)
+    backbone_step()
+    full, backbone, ratios = [], [], []
+    for _ in range(pairs):
+        full.append(_timed(full_step, device))
+        backbone.append(_timed(backbone_step, device))
+        ratios.append(full[-1] / backbone[-1])
+    overhead()
+    fwd_bwd = [_timed(backbone_fwd_bwd, device) for _ in range(max(2, pairs // 2))]
+    extra = [_timed(overhead, device) for _ in range(5 * pairs)]
+    return {
+        "step_s": round(statistics.median(full), 4),
+        "backbone_only_step_s": round(statistics.median(backbone), 4),
+        "step_ratio": round(statistics.median(ratios), 4),
+        "overhead_fraction": round(statistics.median(extra) / statistics.median(fwd_bwd), 5),
+    }
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=10)
-    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--quick", action="store_true", help="a tiny run (seconds)")
     parser.add_argument("overrides", nargs="*")
     args = parser.parse_args()
-    register_resolvers()
-    register_schemas()
-    root = tempfile.mkdtemp(prefix="hlss-bench-")
-    with initialize_config_module("hlss.conf", version_base="1.3"):
-        cfg = compose(
-            "train",
-            overrides=[f"paths.root={root}", f"paths.output_dir={root}/run", *args.overrides],
-        )
-    device = resolve_device()
-    datamodule = build_datamodule(cfg)
-    datamodule.setup("fit")
-    model = build_model(cfg)
-    objective = build_objective(cfg)
-    model.to(device).train()
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=1e-4)
-    augment = datamodule.augment.to(device) if datamodule.augment is not None else None
-
-    def hlss_loss(batch):
-        images = batch["image"]
-        out = model(images.reshape(-1, *images.shape[4:]))
-        return objective(
-            out["heads"],
-            hierarchy_ids(batch),
-            text_embeddings=getattr(model, "text_embeddings", None),
-            text_space=out.get("text_space"),
-        )["loss"]
-
-    # 1. whole steps, as the trainer runs them
-    loader = datamodule.train_dataloader()
-    it = iter(loader)
-    batch = next(it)
-    images_per_step = int(batch["image"].shape[:4].numel())
-    start = time.perf_counter()
-    for _ in range(args.steps):
-        try:
-            batch = next(it)
-        except StopIteration:
-            it = iter(loader)
-            batch = next(it)
-        batch = {k: v.to(device) for k, v in batch.items()}
-        if augment is not None:
-            batch["image"] = augment(batch["image"])
-        loss = hlss_loss(batch)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    step_s = (time.perf_counter() - start) / args.steps
-
-    # 2. HLSS forward+backward vs backbone-only forward+backward on one fixed batch
-    flat = batch["image"].reshape(-1, *batch["image"].shape[4:])
-
-    def backbone_only():
-        optimizer.zero_grad(set_to_none=True)
-        model.backbone(flat).pow(2).mean().backward()
-
-    def full_hlss():
-        optimizer.zero_grad(set_to_none=True)
-        hlss_loss(batch).backward()
-
-    backbone_s = timed(backbone_only, args.repeats, device)
-    hlss_s = timed(full_hlss, args.repeats, device)
-    print(
-        json.dumps(
-            {
-                "device": str(device),
-                "torch_threads": torch.get_num_threads(),
-                "loss": str(cfg.loss.name),
-                "backbone": str(cfg.backbone.name),
-                "batch": [int(v) for v in batch["image"].shape[:4]],
-                "image_size": list(batch["image"].shape[-2:]),
-                "images_per_step": images_per_step,
-                "num_workers": int(cfg.loader.num_workers),
-                "seconds_per_step": round(step_s, 3),
-                "images_per_second": round(images_per_step / step_s, 1),
-                "backbone_fwd_bwd_s": round(backbone_s, 4),
-                "hlss_fwd_bwd_s": round(hlss_s, 4),
-                "hlss_over_backbone": round(hlss_s / backbone_s, 3),
-            },
-            indent=1,
-        )
-    )
+    print(json.dumps(measure(args.quick, args.overrides), indent=1))
 
 
 if __name__ == "__main__":

@@ -24,7 +24,6 @@ EXPECTED = {
             "RandomHorizontalFlip",
             "RandomVerticalFlip",
             "RandomGaussianNoiseStd",
-            "ColorJitter",
             "RandomAutoContrast",
             "RandomSolarize",
             "RandomSharpness",

@@ -32,12 +32,14 @@ kornia's samplers to it); seed with ``torch.manual_seed`` for reproducible draws
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from typing import Any
+from collections.abc import Callable, Sequence
+from typing import Any, NamedTuple
 
 import kornia.augmentation as K
 import torch
+import torch.nn.functional as F
 from kornia.augmentation import random_generator as rg
+from kornia.geometry.conversions import normalize_homography
 from torch import nn
 
 from hlss.errors import ConfigError
@@ -164,6 +166,298 @@ def apply_gated(op: nn.Module, images: torch.Tensor) -> torch.Tensor:
     return images.index_copy(0, chosen, changed.to(images.dtype))
 
 
+# ---------------------------------------------------------------------------- fast kernels
+# Each op class with a fast kernel has two functions. ``prepare(op, params, like)`` turns the
+# per-image parameters kornia draws (``op.forward_parameters``) into per-image tensors whose first
+# dimension is the number of chosen images (or returns None: kornia's own code then runs, e.g. a
+# colour jitter with non-neutral factors); ``apply(op, x, args)`` computes the op on images ``x``
+# ``[n, C, H, W]`` (which it may change in place) with ``args`` sliced to those images, and returns
+# what kornia's ``apply_transform`` returns for the same parameters (tests compare the two). They are
+# plain tensor ops on the batch's device: in-place arithmetic, shift-and-add stencils instead of
+# depthwise ``conv2d`` (slow on CPU), one ``grid_sample`` per geometric op.
+
+
+def _per_image(v: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """A per-image parameter ``[n]`` as ``[n, 1, 1, 1]`` on ``x``'s device and dtype."""
+    return v.to(x.device, x.dtype).view(-1, 1, 1, 1)
+
+
+def _no_args(op: nn.Module, params: dict, like: torch.Tensor) -> dict:
+    return {}
+
+
+def _keys(*names: str):
+    def prepare(op: nn.Module, params: dict, like: torch.Tensor) -> dict:
+        return {k: params[k].to(like.device, like.dtype) for k in names if k in params}
+
+    return prepare
+
+
+def _hflip(op: nn.Module, x: torch.Tensor, args: dict) -> torch.Tensor:
+    return x.flip(-1)
+
+
+def _vflip(op: nn.Module, x: torch.Tensor, args: dict) -> torch.Tensor:
+    return x.flip(-2)
+
+
+def _noise(op: nn.Module, x: torch.Tensor, args: dict) -> torch.Tensor:
+    noise = torch.randn_like(x).mul_(_per_image(args["std"], x))
+    if op.mean:
+        noise.add_(op.mean)
+    return x.add_(noise)
+
+
+def _prepare_color_jitter(op: nn.Module, params: dict, like: torch.Tensor) -> dict | None:
+    """Neutral factors (torchvision's ``ColorJitter()`` defaults): kornia only clamps to [0, 1].
+    Anything else: ``None`` (kornia's own implementation runs on the chosen images)."""
+    neutral = {"brightness_factor": 1.0, "contrast_factor": 1.0, "saturation_factor": 1.0}
+    for key, value in [*neutral.items(), ("hue_factor", 0.0)]:
+        if key in params and bool((params[key] != value).any()):
+            return None
+    return {}
+
+
+def _clamp(op: nn.Module, x: torch.Tensor, args: dict) -> torch.Tensor:
+    return x.clamp_(0.0, 1.0)
+
+
+def _auto_contrast(op: nn.Module, x: torch.Tensor, args: dict) -> torch.Tensor:
+    flat = x.flatten(-2)
+    low = flat.amin(-1)[..., None, None]
+    high = flat.amax(-1)[..., None, None]
+    x.sub_(low).div_(high - low + 1e-6)
+    return x.clamp_(0.0, 1.0) if op.clip_output else x
+
+
+def _solarize(op: nn.Module, x: torch.Tensor, args: dict) -> torch.Tensor:
+    x.clamp_(0.0, 1.0)
+    if "additions" in args:
+        x.add_(_per_image(args["additions"], x)).clamp_(0.0, 1.0)
+    return torch.where(x < _per_image(args["thresholds"], x), x, 1.0 - x)
+
+
+def _box3_sum(x: torch.Tensor) -> torch.Tensor:
+    """Sum over each interior pixel's 3 x 3 neighbourhood: ``[n, C, H, W] -> [n, C, H-2, W-2]``."""
+    rows = x[..., :-2] + x[..., 1:-1]
+    rows.add_(x[..., 2:])
+    out = rows[..., :-2, :] + rows[..., 1:-1, :]
+    return out.add_(rows[..., 2:, :])
+
+
+def _sharpness(op: nn.Module, x: torch.Tensor, args: dict) -> torch.Tensor:
+    """PIL's sharpness: blend with the ``[[1,1,1],[1,5,1],[1,1,1]] / 13`` smoothing (interior
+    only; border pixels are their own smoothing), ``out = smooth + factor * (x - smooth)``."""
+    x.clamp_(0.0, 1.0)
+    if x.shape[-1] < 3 or x.shape[-2] < 3:
+        raise ValueError(f"RandomSharpness needs images of at least 3 x 3; got {tuple(x.shape)}")
+    inner = x[..., 1:-1, 1:-1]
+    smooth = _box3_sum(x).add_(inner, alpha=4.0).div_(13.0).clamp_(0.0, 1.0)
+    factor = _per_image(args["sharpness"], x)
+    inner.copy_(inner.sub(smooth).mul_(factor).add_(smooth))  # the border: smooth == x
+    return x.clamp_(0.0, 1.0)
+
+
+def _gaussian_taps(sigma: torch.Tensor, size: int, like: torch.Tensor) -> torch.Tensor:
+    """Normalised 1-D Gaussian weights ``[n, size]`` (kornia's kernel: centred, odd size)."""
+    offsets = torch.arange(size, device=like.device, dtype=like.dtype) - size // 2
+    sigma = sigma.to(like.device, like.dtype).view(-1, 1)
+    taps = torch.exp(-(offsets**2) / (2.0 * sigma**2))
+    return taps / taps.sum(-1, keepdim=True)
+
+
+def _blur_sizes(op: nn.Module) -> tuple[int, int]:
+    size = op.flags["kernel_size"]
+    return (size, size) if isinstance(size, int) else (int(size[0]), int(size[1]))
+
+
+def _prepare_blur(op: nn.Module, params: dict, like: torch.Tensor) -> dict | None:
+    ky, kx = _blur_sizes(op)
+    if ky % 2 == 0 or kx % 2 == 0:
+        return None  # kornia's own (which refuses even kernels)
+    sigma = params["sigma"]
+    return {"x": _gaussian_taps(sigma, kx, like), "y": _gaussian_taps(sigma, ky, like)}
+
+
+def _shift_filter(x: torch.Tensor, taps: torch.Tensor, dim: int) -> torch.Tensor:
+    """Per-image 1-D filter along ``dim`` (-1 or -2) of a padded ``x``; ``taps`` ``[n, k]``."""
+    k = taps.shape[1]
+    length = x.shape[dim] - (k - 1)
+    out = x.narrow(dim, 0, length) * taps[:, 0].view(-1, 1, 1, 1)
+    for i in range(1, k):
+        out.addcmul_(x.narrow(dim, i, length), taps[:, i].view(-1, 1, 1, 1))
+    return out
+
+
+def _gaussian_blur(op: nn.Module, x: torch.Tensor, args: dict) -> torch.Tensor:
+    """Separable Gaussian blur with kornia's border handling (each direction padded in turn)."""
+    mode = op.flags["border_type"].name.lower()
+    kx, ky = args["x"].shape[1], args["y"].shape[1]
+    if kx > 1:
+        x = _shift_filter(F.pad(x, (kx // 2, kx // 2, 0, 0), mode=mode), args["x"], -1)
+    if ky > 1:
+        x = _shift_filter(F.pad(x, (0, 0, ky // 2, ky // 2), mode=mode), args["y"], -2)
+    return x
+
+
+def _affine_grid(theta: torch.Tensor, height: int, width: int, align: bool) -> torch.Tensor:
+    """``F.affine_grid(theta, [n, C, H, W], align)`` as two broadcast multiply-adds (cheaper on
+    CPU than the batched matrix product); ``theta`` ``[n, 2, 3]`` -> grid ``[n, H, W, 2]``."""
+
+    def axis(size: int) -> torch.Tensor:
+        if size == 1:
+            return theta.new_zeros(1)
+        if align:
+            return torch.linspace(-1.0, 1.0, size, device=theta.device, dtype=theta.dtype)
+        edge = 1.0 - 1.0 / size
+        return torch.linspace(-edge, edge, size, device=theta.device, dtype=theta.dtype)
+
+    xs, ys = axis(width).view(1, 1, width), axis(height).view(1, height, 1)
+    grid = theta.new_empty(theta.shape[0], height, width, 2)
+    for c in range(2):
+        row = theta[:, c].reshape(-1, 3, 1, 1)
+        torch.add(xs * row[:, 0], ys * row[:, 1] + row[:, 2], out=grid[..., c])
+    return grid
+
+
+def _grid_sample(x: torch.Tensor, theta: torch.Tensor, flags: dict, align: bool) -> torch.Tensor:
+    grid = _affine_grid(theta.to(x.dtype), int(x.shape[-2]), int(x.shape[-1]), align)
+    return F.grid_sample(
+        x,
+        grid,
+        mode=flags["resample"].name.lower(),
+        padding_mode=str(getattr(flags["padding_mode"], "name", flags["padding_mode"])).lower(),
+        align_corners=align,
+    )
+
+
+def _prepare_affine(op: nn.Module, params: dict, like: torch.Tensor) -> dict | None:
+    """kornia's pixel-space matrices -> the normalised ``[n, 2, 3]`` output-to-input maps that
+    ``grid_sample`` takes (what kornia's ``warp_affine`` computes)."""
+    flags = op.flags
+    if flags.get("fill_value") is not None or flags["padding_mode"].name.lower() == "fill":
+        return None
+    empty = like.new_empty(0, dtype=torch.float64)
+    matrix = op.compute_transformation(empty, params, flags)
+    size = (int(like.shape[-2]), int(like.shape[-1]))
+    unit = normalize_homography(matrix, size, size, align_corners=bool(flags["align_corners"]))
+    return {"theta": torch.linalg.inv(unit)[:, :2].to(like.dtype)}
+
+
+def _affine(op: nn.Module, x: torch.Tensor, args: dict) -> torch.Tensor:
+    return _grid_sample(x, args["theta"], op.flags, bool(op.flags["align_corners"]))
+
+
+def _prepare_crop(op: nn.Module, params: dict, like: torch.Tensor) -> dict | None:
+    """Crop box ``src`` (corners in pixels, inclusive) resized to the input's H x W, bilinear with
+    aligned corners, as kornia's crop-then-resize ("slice" mode) computes it: ``[n, 2, 3]`` maps."""
+    flags = op.flags
+    if flags["cropping_mode"] != "slice" or not flags["align_corners"]:
+        return None
+    height, width = int(like.shape[-2]), int(like.shape[-1])
+    box = params["src"].to(like.device, torch.float64)
+    x0, y0, x1, y1 = box[:, 0, 0], box[:, 0, 1], box[:, 2, 0], box[:, 2, 1]
+    sx = (x1 - x0) / max(width - 1, 1)
+    sy = (y1 - y0) / max(height - 1, 1)
+    theta = torch.zeros(box.shape[0], 2, 3, dtype=torch.float64, device=like.device)
+    theta[:, 0, 0], theta[:, 0, 2] = sx, sx + 2.0 * x0 / max(width - 1, 1) - 1.0
+    theta[:, 1, 1], theta[:, 1, 2] = sy, sy + 2.0 * y0 / max(height - 1, 1) - 1.0
+    return {"theta": theta.to(like.dtype)}
+
+
+def _resized_crop(op: nn.Module, x: torch.Tensor, args: dict) -> torch.Tensor:
+    return _grid_sample(x, args["theta"], {**op.flags, "padding_mode": "zeros"}, True)
+
+
+def _prepare_erasing(op: nn.Module, params: dict, like: torch.Tensor) -> dict:
+    """Each image's box ``[xs, xs + widths - 1] x [ys, ys + heights - 1]`` (inclusive, clipped
+    to the image) as integer ``[n, 4]`` ``(left, top, right, bottom)``, and its fill value."""
+    height, width = int(like.shape[-2]), int(like.shape[-1])
+    xs, ys = params["xs"].double(), params["ys"].double()
+    left = xs.ceil().clamp_min(0)
+    top = ys.ceil().clamp_min(0)
+    right = (xs + params["widths"].double() - 1).floor().clamp_max(width - 1)
+    bottom = (ys + params["heights"].double() - 1).floor().clamp_max(height - 1)
+    return {
+        "box": torch.stack([left, top, right, bottom], 1).long().cpu(),
+        "value": params["values"].double().cpu(),
+    }
+
+
+def _erasing(op: nn.Module, x: torch.Tensor, args: dict) -> torch.Tensor:
+    for i, ((left, top, right, bottom), value) in enumerate(
+        zip(args["box"].tolist(), args["value"].tolist(), strict=True)
+    ):
+        if right >= left and bottom >= top:
+            x[i, :, top : bottom + 1, left : right + 1] = value
+    return x
+
+
+class _Kernel(NamedTuple):
+    prepare: Callable[[nn.Module, dict, torch.Tensor], dict | None]
+    apply: Callable[[nn.Module, torch.Tensor, dict], torch.Tensor]
+
+
+_FAST: dict[type, _Kernel] = {
+    K.RandomHorizontalFlip: _Kernel(_no_args, _hflip),
+    K.RandomVerticalFlip: _Kernel(_no_args, _vflip),
+    RandomGaussianNoiseStd: _Kernel(_keys("std"), _noise),
+    K.ColorJitter: _Kernel(_prepare_color_jitter, _clamp),
+    K.RandomAutoContrast: _Kernel(_no_args, _auto_contrast),
+    K.RandomSolarize: _Kernel(_keys("thresholds", "additions"), _solarize),
+    K.RandomSharpness: _Kernel(_keys("sharpness"), _sharpness),
+    K.RandomGaussianBlur: _Kernel(_prepare_blur, _gaussian_blur),
+    K.RandomAffine: _Kernel(_prepare_affine, _affine),
+    RandomResizedCropKeepSize: _Kernel(_prepare_crop, _resized_crop),
+    K.RandomErasing: _Kernel(_prepare_erasing, _erasing),
+}
+"""Fast kernels by exact op class (a subclass may change the maths, so it runs kornia's own)."""
+
+
+class _Draw(NamedTuple):
+    """One op's draw for a batch: the chosen images (``[m]`` indices, ascending), kornia's
+    parameters for them, and the fast kernel's per-image arguments (None: run kornia)."""
+
+    chosen: torch.Tensor
+    params: dict | None
+    args: dict | None
+
+
+def _draw(op: nn.Module, chosen: torch.Tensor, like: torch.Tensor) -> _Draw:
+    """Draw ``op``'s parameters for the ``chosen`` images of a batch shaped like ``like``."""
+    kernel = _FAST.get(type(op))
+    if kernel is None or op.same_on_batch:
+        return _Draw(chosen, None, None)
+    p = op.p
+    op.p = 1.0
+    try:
+        params = op.forward_parameters(torch.Size((int(chosen.numel()), *like.shape[1:])))
+    finally:
+        op.p = p
+    return _Draw(chosen, params, kernel.prepare(op, params, like))
+
+
+def _run_kornia(op: nn.Module, x: torch.Tensor, params: dict | None) -> torch.Tensor:
+    """kornia's own forward on images ``x`` that were all chosen (``p`` forced to 1)."""
+    p = op.p
+    op.p = 1.0
+    try:
+        return op(x) if params is None else op(x, params=params)
+    finally:
+        op.p = p
+
+
+def apply_op(op: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """Apply ``op`` to every image of ``x`` ``[n, C, H, W]`` (the gate already decided), with
+    per-image parameters drawn by kornia: the fast kernel of ``op``'s class where there is one
+    that handles its settings, kornia's own ``forward`` otherwise. ``x`` may be changed in place;
+    returns the result."""
+    draw = _draw(op, torch.arange(x.shape[0], device=x.device), x)
+    if draw.args is None:
+        return _run_kornia(op, x, draw.params)
+    return _FAST[type(op)].apply(op, x, draw.args)
+
+
 def _dry_run(op: nn.Module, where: str) -> None:
     """Apply ``op`` to a small RGB batch, so that parameters kornia checks only when it runs
     (e.g. an even blur kernel) are refused at construction; the global RNG state is kept."""
@@ -201,7 +495,7 @@ class BatchAugment(nn.Module):
         Raises ``ValueError`` when ``x`` has fewer than 3 dimensions or is not floating point.
     """
 
-    def __init__(self, ops: Sequence[nn.Module] = (), p: float = 0.3):
+    def __init__(self, ops: Sequence[nn.Module] = (), p: float = 0.3, per_image: bool = True):
         super().__init__()
         self.p = _check_prob(p, "augment")
         ops = list(ops or [])
@@ -212,6 +506,7 @@ class BatchAugment(nn.Module):
             _check_prob(getattr(op, "p", 1.0), f"augment op #{i} ({name})")
             _dry_run(op, f"augment op #{i} ({name})")
         self.sequence = K.AugmentationSequential(*ops)
+        self.per_image = bool(per_image)
         self._rng_device = torch.device("cpu")
 
     @property
@@ -230,10 +525,89 @@ class BatchAugment(nn.Module):
             self._rng_device = x.device
         shape, dtype = x.shape, x.dtype
         work_dtype = dtype if dtype in (torch.float32, torch.float64) else torch.float32
-        imgs = x.reshape(-1, *shape[-3:]).to(work_dtype)
-        for op in self.sequence.children():  # see the module docstring: chosen images only
-            imgs = apply_gated(op, imgs)
-        return imgs.clamp(0.0, 1.0).to(dtype).reshape(shape)
+        imgs = x.reshape(-1, *shape[-3:])
+        ops = list(self.sequence.children())
+        draws = self._draw_all(ops, imgs)
+        if (
+            self.per_image
+            and imgs.device.type == "cpu"
+            and all(d is None or d.args is not None for d in draws)
+        ):
+            out = self._per_image(ops, draws, imgs, work_dtype)
+        else:
+            out = self._per_op(ops, draws, imgs, work_dtype)
+        return out.to(dtype).reshape(shape)
+
+    @staticmethod
+    def _draw_all(ops: list[nn.Module], imgs: torch.Tensor) -> list[_Draw | None]:
+        """Each op's gate (one uniform draw per op and image) and parameters for the chosen."""
+        n = imgs.shape[0]
+        probs = [float(op.p) for op in ops]
+        gates = torch.rand(len(ops), n, device=imgs.device) if n and ops else None
+        draws: list[_Draw | None] = []
+        for k, (op, p) in enumerate(zip(ops, probs, strict=True)):
+            chosen = None
+            if gates is not None and p > 0.0:
+                if p >= 1.0:
+                    chosen = torch.arange(n, device=imgs.device)
+                else:
+                    chosen = (gates[k] < p).nonzero().flatten()
+            draws.append(_draw(op, chosen, imgs) if chosen is not None and chosen.numel() else None)
+        return draws
+
+    @staticmethod
+    def _per_op(ops, draws, imgs: torch.Tensor, work_dtype: torch.dtype) -> torch.Tensor:
+        """Batched: each op once, on its chosen images (gathered, computed, scattered back)."""
+        work = imgs.to(work_dtype)
+        owned = work.data_ptr() != imgs.data_ptr()
+        for op, draw in zip(ops, draws, strict=True):
+            if draw is None:
+                continue
+            sub = work.index_select(0, draw.chosen)
+            if draw.args is None:
+                changed = _run_kornia(op, sub, draw.params)
+            else:
+                changed = _FAST[type(op)].apply(op, sub, draw.args)
+            if not owned:
+                work, owned = work.clone(), True
+            work.index_copy_(0, draw.chosen, changed.to(work_dtype))
+        return work.clamp_(0.0, 1.0) if owned else work.clamp(0.0, 1.0)
+
+    @staticmethod
+    def _per_image(ops, draws, imgs: torch.Tensor, work_dtype: torch.dtype) -> torch.Tensor:
+        """One image at a time through all its chosen ops, so that it stays in the CPU's cache
+        (a 300-px image is ~1 MB); the same draws and kernels as :meth:`_per_op`."""
+        n = imgs.shape[0]
+        out = torch.empty(imgs.shape, dtype=work_dtype, device=imgs.device)
+        plan: list[list[tuple[nn.Module, _Kernel, dict, int]]] = [[] for _ in range(n)]
+        for op, draw in zip(ops, draws, strict=True):
+            if draw is None:
+                continue
+            kernel = _FAST[type(op)]
+            for j, i in enumerate(draw.chosen.tolist()):
+                plan[i].append((op, kernel, draw.args, j))
+        threads = torch.get_num_threads()
+        torch.set_num_threads(
+            1
+        )  # ~1 MB per op: splitting it across threads costs more than it gains
+        try:
+            for i in range(n):
+                BatchAugment._one_image(out[i : i + 1], imgs[i : i + 1], plan[i])
+        finally:
+            torch.set_num_threads(threads)
+        return out
+
+    @staticmethod
+    def _one_image(image: torch.Tensor, source: torch.Tensor, steps: list) -> None:
+        """Copy ``source`` into ``image`` ``[1, C, H, W]`` and apply its chosen ``steps``."""
+        image.copy_(source)
+        current = image
+        for op, kernel, args, j in steps:
+            one = {key: value[j : j + 1] for key, value in args.items()}
+            current = kernel.apply(op, current, one)
+        if current is not image:
+            image.copy_(current)
+        image.clamp_(0.0, 1.0)
 
     def extra_repr(self) -> str:
         return f"p={self.p}"
