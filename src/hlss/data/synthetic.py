@@ -132,6 +132,7 @@ def _check_params(
     nondiagnostic_per_slide: int,
     size: int,
     val_fraction: float,
+    nuisance: float = 1.0,
 ) -> None:
     """Raise :class:`HLSSError` naming the first parameter that cannot work."""
 
@@ -154,6 +155,12 @@ def _check_params(
         raise HLSSError("patches_per_slide + nondiagnostic_per_slide must be <= 900")
     if not isinstance(val_fraction, (int, float)) or not 0.0 < float(val_fraction) < 1.0:
         raise HLSSError(f"val_fraction must be a number in (0, 1), got {val_fraction!r}")
+    if (
+        isinstance(nuisance, bool)
+        or not isinstance(nuisance, (int, float))
+        or not 0.0 <= float(nuisance) <= 10.0
+    ):
+        raise HLSSError(f"nuisance must be a number in [0, 10], got {nuisance!r}")
 
 
 def _rng(seed: int, *key: int) -> np.random.Generator:
@@ -348,20 +355,27 @@ class _Nuisance:
     blur: float = 0.0
 
 
-def _draw_patient_factors(rng: np.random.Generator) -> tuple[_Mods, _Nuisance]:
+def _draw_patient_factors(
+    rng: np.random.Generator, strength: float = 1.0
+) -> tuple[_Mods, _Nuisance]:
+    """Tissue modifiers and acquisition factors of one patient; ``strength`` scales the
+    acquisition factors (log-gain, channel balance, offset) without changing the draws."""
     mods = _Mods(
         density=float(np.exp(rng.normal(0, 0.15))),
         radius=float(np.exp(rng.normal(0, 0.08))),
         fibres=float(np.exp(rng.normal(0, 0.3))),
         droplets=float(np.exp(rng.normal(0, 0.3))),
     )
-    gain = float(np.exp(rng.normal(0, 0.2)))
-    balance = float(np.exp(rng.normal(0, 0.06)))
-    nuis = _Nuisance(gain2=gain, gain3=gain * balance, offset=float(rng.uniform(-800, 1500)))
+    gain = float(np.exp(strength * rng.normal(0, 0.2)))
+    balance = float(np.exp(strength * rng.normal(0, 0.06)))
+    offset = strength * float(rng.uniform(-800, 1500))
+    nuis = _Nuisance(gain2=gain, gain3=gain * balance, offset=offset)
     return mods, nuis
 
 
-def _draw_slide_factors(rng: np.random.Generator, patient: _Nuisance) -> tuple[_Mods, _Nuisance]:
+def _draw_slide_factors(
+    rng: np.random.Generator, patient: _Nuisance, strength: float = 1.0
+) -> tuple[_Mods, _Nuisance]:
     mods = _Mods(
         density=float(np.exp(rng.normal(0, 0.08))),
         fibres=float(np.exp(rng.normal(0, 0.15))),
@@ -371,9 +385,9 @@ def _draw_slide_factors(rng: np.random.Generator, patient: _Nuisance) -> tuple[_
     nuis = _Nuisance(
         gain2=patient.gain2 * gain * float(np.exp(rng.normal(0, 0.02))),
         gain3=patient.gain3 * gain * float(np.exp(rng.normal(0, 0.02))),
-        offset=patient.offset + float(rng.normal(0, 300)),
-        noise=float(rng.uniform(120, 600)),
-        blur=float(rng.uniform(0.0, 1.2)),
+        offset=patient.offset + strength * float(rng.normal(0, 300)),
+        noise=float(rng.uniform(120, 600)) * max(1.0, strength),
+        blur=float(rng.uniform(0.0, 1.2)) * strength,
     )
     return mods, nuis
 
@@ -544,6 +558,7 @@ def _write_dataset(
     nondiagnostic_per_slide: int,
     size: int,
     val_fraction: float,
+    nuisance: float = 1.0,
 ) -> None:
     """Write the whole dataset under ``root`` (an existing empty directory), showing progress."""
     classes = list(CLASSES_OPENSRH)
@@ -563,11 +578,11 @@ def _write_dataset(
                 patient = ids[ci * patients_per_class + pi]
                 (val if pi in val_members else train).append(patient)
                 prng = _rng(seed, _KEY_PATIENT, ci, pi)
-                p_mods, p_nuis = _draw_patient_factors(prng)
+                p_mods, p_nuis = _draw_patient_factors(prng, float(nuisance))
                 slides: dict[str, dict] = {}
                 for si, slide in enumerate(_slide_ids(prng, slides_per_patient)):
                     srng = _rng(seed, _KEY_SLIDE, ci, pi, si)
-                    s_mods, s_nuis = _draw_slide_factors(srng, p_nuis)
+                    s_mods, s_nuis = _draw_slide_factors(srng, p_nuis, float(nuisance))
                     mods = p_mods.times(s_mods)
                     total = patches_per_slide + nondiagnostic_per_slide
                     positions = _patch_positions(srng, total)
@@ -603,6 +618,7 @@ def generate_opensrh(
     nondiagnostic_per_slide: int = 1,
     size: int = 300,
     val_fraction: float = 0.25,
+    nuisance: float = 1.0,
 ) -> str:
     """Write a synthetic dataset in the OpenSRH layout at ``out`` and return its absolute path.
 
@@ -611,6 +627,11 @@ def generate_opensrh(
     ``nondiagnostic_per_slide`` nondiagnostic patches; every patch a ``(2, size, size)`` uint16
     TIFF. Per class ``max(1, round(val_fraction * patients_per_class))`` patients go to ``val``
     (at least one stays in ``train``). Same parameters give byte-identical files.
+
+    ``nuisance`` scales the acquisition differences between patients and slides (log-gain,
+    channel balance, background offset, blur; noise grows with it above 1): 0 = every patient
+    imaged alike, 1 = the default, 3 = a strong per-patient acquisition signature, the regime in
+    which patient-level positives can be matched by brightness alone.
 
     The dataset is written into a hidden temporary sibling of ``out`` and renamed into place at
     the end, so ``out`` never holds a partial dataset. Progress (files written, rate, ETA) is
@@ -632,6 +653,7 @@ def generate_opensrh(
         nondiagnostic_per_slide,
         size,
         val_fraction,
+        nuisance,
     )
     out = os.path.abspath(os.path.expanduser(str(out)))
     if os.path.exists(out) and not (os.path.isdir(out) and not os.listdir(out)):
@@ -647,6 +669,7 @@ def generate_opensrh(
             nondiagnostic_per_slide,
             size,
             float(val_fraction),
+            float(nuisance),
         )
         if not publish_dir(tmp, out):
             raise HLSSError(f"{out}: appeared while generating; left it untouched")

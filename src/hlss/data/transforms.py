@@ -40,11 +40,13 @@ def _check_raw(arr: np.ndarray, channels: int, dtype: np.dtype, what: str) -> No
         )
 
 
-def srh_base(raw: np.ndarray | torch.Tensor) -> torch.Tensor:
+def srh_base(raw: np.ndarray | torch.Tensor, standardize: bool = False) -> torch.Tensor:
     """Map a raw SRH patch to a 3-channel float image.
 
     Args:
         raw: ``uint16`` array ``(2, H, W)``; channel 0 = CH2, channel 1 = CH3.
+        standardize: first stretch CH2 and CH3 together by :func:`standardize_intensity`
+            (one map for both, so their difference keeps its meaning).
 
     Returns:
         ``float32`` tensor ``(3, H, W)``: ``[CH3 - CH2 + 5000/65536, CH2, CH3]`` after dividing
@@ -57,6 +59,8 @@ def srh_base(raw: np.ndarray | torch.Tensor) -> torch.Tensor:
     arr = _as_numpy(raw)
     _check_raw(arr, 2, np.dtype(np.uint16), "SRH")
     x = torch.from_numpy(arr.astype(np.float32)) / SRH_SCALE
+    if standardize:
+        x = standardize_intensity(x)
     ch2, ch3 = x[0], x[1]
     out = torch.stack((ch3 - ch2 + SRH_OFFSET, ch2, ch3))
     return out.clamp_(0.0, 1.0)
@@ -107,6 +111,20 @@ def _resize(x: torch.Tensor, size: int) -> torch.Tensor:
     return out.clamp_(0.0, 1.0)
 
 
+def standardize_intensity(x: torch.Tensor, low: float = 0.01, high: float = 0.99) -> torch.Tensor:
+    """Stretch ``x`` ``(C, H, W)`` from the ``low``..``high`` quantiles of all its values to [0, 1].
+
+    One affine map for all channels: a per-image gain and offset shared by the channels (laser
+    power, detector gain, background level: what differs between acquisitions) maps onto the same
+    output, while the channels keep their relation to one another. A constant image becomes 0.
+    """
+    q = torch.quantile(x.reshape(-1), torch.tensor([low, high], dtype=x.dtype))
+    span = float(q[1] - q[0])
+    if span <= 1e-6:
+        return torch.zeros_like(x)
+    return ((x - q[0]) / span).clamp_(0.0, 1.0)
+
+
 class BaseTransform:
     """Deterministic per-patch transform: modality base function, then optional crop or resize.
 
@@ -119,6 +137,10 @@ class BaseTransform:
         resize: with ``size``, resize the whole patch to ``size x size`` instead of cropping
             (bicubic, antialiased; the HLSS paper fed 300-px OpenSRH patches to CLIP's RN50
             this way at 224 px).
+        standardize: stretch each patch from the 1st to the 99th percentile of its values to
+            ``[0, 1]``, one map for all channels (:func:`standardize_intensity`; SRH: on CH2 and
+            CH3 before the difference channel is built), removing per-acquisition gain and
+            offset. Not part of the papers' base transform: an idea of this project.
 
     Call:
         ``transform(raw) -> torch.Tensor`` of shape ``(3, H, W)`` or ``(3, size, size)``,
@@ -130,7 +152,13 @@ class BaseTransform:
         DataError: a raw patch with the wrong dtype/shape for the modality (at call time).
     """
 
-    def __init__(self, modality: str = "srh", size: int | None = None, resize: bool = False):
+    def __init__(
+        self,
+        modality: str = "srh",
+        size: int | None = None,
+        resize: bool = False,
+        standardize: bool = False,
+    ):
         if modality not in MODALITIES:
             raise ConfigError(
                 f"unknown modality {modality!r}; expected one of {sorted(MODALITIES)}"
@@ -142,9 +170,15 @@ class BaseTransform:
         self.modality = modality
         self.size = size
         self.resize = bool(resize)
+        self.standardize = bool(standardize)
 
     def __call__(self, raw: np.ndarray | torch.Tensor) -> torch.Tensor:
-        x = MODALITIES[self.modality](raw)
+        if self.modality == "srh":
+            x = srh_base(raw, standardize=self.standardize)
+        else:
+            x = MODALITIES[self.modality](raw)
+            if self.standardize:
+                x = standardize_intensity(x)
         if self.size is not None:
             x = _resize(x, self.size) if self.resize else _center_crop_or_resize(x, self.size)
         return x
@@ -152,5 +186,5 @@ class BaseTransform:
     def __repr__(self) -> str:
         return (
             f"{type(self).__name__}(modality={self.modality!r}, size={self.size!r}, "
-            f"resize={self.resize!r})"
+            f"resize={self.resize!r}, standardize={self.standardize!r})"
         )

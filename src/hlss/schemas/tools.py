@@ -30,6 +30,7 @@ class SynthConfig:
     nondiagnostic_per_slide: int = 1
     size: int = 300
     val_fraction: float = 0.25
+    nuisance: float = 1.0
 
 
 @dataclass
