@@ -30,9 +30,13 @@ def test_demo_prints_table(tmp_path):
     for name in ("untrained (ResNet-18)", "HiDisc (trained)", "HLSS (trained)"):
         row = next(line for line in text.splitlines() if line.startswith(name))
         values = [float(v) for v in re.findall(r"\d\.\d{3}", row)]
-        assert len(values) == 6 and all(0.0 <= v <= 1.0 for v in values)
+        # acc and mca per level, then the patient accuracy's bootstrap interval
+        assert len(values) == 8 and all(0.0 <= v <= 1.0 for v in values)
+        assert values[6] <= values[4] <= values[7]
     assert "mlflow ui --backend-store-uri sqlite:///" in text
     assert "confusion_patient.png" in text
+    curves = re.search(r"learning curves: (\S+\.png)", text)
+    assert curves and os.path.getsize(curves.group(1)) > 0
     # the dataset is reused by a second demo in the same folder
     out = tmp_path / "demo"
     data_dirs = [d for d in os.listdir(out) if d.startswith("data-")]

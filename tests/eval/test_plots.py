@@ -45,3 +45,20 @@ def test_plot_accuracy_curve(tmp_path):
         plot_accuracy_curve([{"patch_acc": 0.5}], tmp_path / "y.png")
     with pytest.raises(ValueError):
         plot_accuracy_curve([{"step": 1, "loss": 0.5}], tmp_path / "y.png")
+
+
+def test_learning_curves_png(tmp_path):
+    from hlss.eval.plots import plot_learning_curves
+
+    band = {lv: {"mean": 0.5, "min": 0.4, "max": 0.6} for lv in ("patch", "slide", "patient")}
+    curves = {
+        "hidisc": {50: band, 100: band},
+        "attr3levels": {50: band, 100: {lv: {"mean": 0.7} for lv in band}},
+        "untrained": {0: {lv: {"mean": 0.3} for lv in band}},
+    }
+    path = plot_learning_curves(curves, tmp_path / "sub" / "curves.png", title="t")
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    with pytest.raises(ValueError, match="at least one model"):
+        plot_learning_curves({}, tmp_path / "x.png")
+    with pytest.raises(ValueError, match="has no steps"):
+        plot_learning_curves({"m": {}}, tmp_path / "y.png")

@@ -68,13 +68,34 @@ def trained_run(root: str) -> str:
 
 
 def format_rows(results: dict[str, dict]) -> str:
-    """A text table: one row per model, accuracy and MCA per level (``results[model][level]``)."""
-    head = f"{'model':<22}" + "".join(f"{lv + ' acc':>13}{lv + ' mca':>13}" for lv in LEVELS)
+    """A text table: one row per model, accuracy and MCA per level (``results[model][level]``)
+    and the bootstrap 95% interval of the patient-level accuracy (resampling patients)."""
+    head = (
+        f"{'model':<22}"
+        + "".join(f"{lv + ' acc':>13}{lv + ' mca':>13}" for lv in LEVELS)
+        + f"{'patient acc 95% CI':>21}"
+    )
     lines = [head, "-" * len(head)]
     for name, metrics in results.items():
         cells = "".join(f"{metrics[lv]['acc']:>13.3f}{metrics[lv]['mca']:>13.3f}" for lv in LEVELS)
-        lines.append(f"{name:<22}{cells}")
+        lo, hi = metrics["patient"].get("acc_ci95", [float("nan"), float("nan")])
+        lines.append(f"{name:<22}{cells}{f'[{lo:.3f}, {hi:.3f}]':>21}")
     return "\n".join(lines)
+
+
+def learning_curves(folders: dict[str, str]) -> dict[str, dict[int, dict]]:
+    """``{model: {step: {level: {"mean": acc}}}}`` from each evaluation's ``metrics.csv``."""
+    import pandas as pd
+
+    curves: dict[str, dict[int, dict]] = {}
+    for label, folder in folders.items():
+        table = pd.read_csv(os.path.join(folder, "metrics.csv"))
+        name = "untrained" if label.startswith("untrained") else label.split()[0]
+        curves[name] = {
+            int(row["step"]): {lv: {"mean": float(row[f"{lv}_acc"])} for lv in LEVELS}
+            for _, row in table.iterrows()
+        }
+    return curves
 
 
 def demo(args: DemoConfig) -> None:
@@ -139,6 +160,14 @@ def demo(args: DemoConfig) -> None:
         f"{args.steps} training steps each\n"
     )
     print(format_rows(results))
+    from hlss.eval.plots import plot_learning_curves
+
+    curves_png = plot_learning_curves(
+        learning_curves(folders),
+        os.path.join(session, "learning_curves.png"),
+        title=f"kNN accuracy on the synthetic val split; dashed: untrained (seed {args.seed})",
+    )
+    print(f"\nlearning curves: {curves_png}")
     hlss_eval = folders["HLSS (trained)"]
     attributes = os.path.join(hlss_eval, "attributes.csv")
     if os.path.isfile(attributes):

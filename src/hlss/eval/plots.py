@@ -164,3 +164,49 @@ def plot_accuracy_curve(
     if title:
         ax.set_title(title)
     return _save(fig, path)
+
+
+def plot_learning_curves(
+    curves: dict[str, dict[int, dict[str, Any]]], path: str | Path, title: str = ""
+) -> Path:
+    """kNN accuracy against training step for several models, one panel per level.
+
+    Args:
+        curves: ``{model: {step: {level: {"mean": a, "min": lo, "max": hi}}}}`` (``min``/``max``
+            optional: the band drawn around the mean, e.g. over seeds). A model named
+            ``"untrained"`` is drawn as a dashed horizontal line at its first step's mean.
+        path: output PNG path.
+        title: figure title.
+
+    Returns:
+        The written path.
+
+    Raises:
+        ValueError: no models, or a model without steps.
+    """
+    if not curves:
+        raise ValueError("plot_learning_curves needs at least one model")
+    fig = _new_figure(13, 3.9)
+    axes = fig.subplots(1, len(LEVELS), sharey=True)
+    for ax, level in zip(axes, LEVELS, strict=True):
+        for model, per_step in curves.items():
+            if not per_step:
+                raise ValueError(f"model {model!r} has no steps")
+            steps = sorted(per_step)
+            mean = [per_step[s][level]["mean"] for s in steps]
+            if model == "untrained":
+                ax.axhline(mean[0], color="grey", linestyle="--", label=model)
+                continue
+            (line,) = ax.plot(steps, mean, marker="o", markersize=3, label=model)
+            if all("min" in per_step[s][level] for s in steps):
+                low = [per_step[s][level]["min"] for s in steps]
+                high = [per_step[s][level]["max"] for s in steps]
+                ax.fill_between(steps, low, high, color=line.get_color(), alpha=0.15)
+        ax.set_title(f"{level} kNN accuracy")
+        ax.set_xlabel("training step")
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel("accuracy")
+    axes[-1].legend(fontsize=8, loc="lower right")
+    if title:
+        fig.suptitle(title)
+    return _save(fig, path)
