@@ -180,3 +180,12 @@ def test_zero_shot_errors():
         zero_shot_scores(np.ones((2, 4)), classes, temperature=0)
     with pytest.raises(ValueError, match="2-D"):
         zero_shot_scores(np.ones(4), classes)
+
+
+def test_auto_prompts_only_for_the_classes_they_describe():
+    from hlss.eval.pipeline import class_prompt_file
+
+    assert class_prompt_file("auto", list(reversed(CLASSES_OPENSRH))) == "opensrh_classes"
+    assert class_prompt_file("auto", ["luad", "lusc"]) is None  # zero-shot is skipped
+    assert class_prompt_file("auto", CLASSES_OPENSRH[:3]) is None
+    assert class_prompt_file("mine.yaml", ["luad"]) == "mine.yaml"

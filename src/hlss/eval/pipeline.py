@@ -100,6 +100,17 @@ def _in_folder(folder: str, files: dict[str, str]) -> dict[str, str]:
     return {f"{folder}/{key}": path for key, path in files.items()}
 
 
+def class_prompt_file(prompts: str, classes: list[str]) -> str | None:
+    """The class-prompt file for ``zero_shot.prompts``: ``auto`` picks the packaged prompts whose
+    classes are exactly ``classes`` (OpenSRH's seven) and ``None`` when none are packaged;
+    anything else is returned as given (a packaged name or a path)."""
+    if prompts != "auto":
+        return prompts
+    from hlss import CLASSES_OPENSRH
+
+    return "opensrh_classes" if sorted(classes) == sorted(CLASSES_OPENSRH) else None
+
+
 def language_outputs(cfg, run_cfg, ckpt, table, transform, out, info) -> dict:
     """Zero-shot classification (``zero_shot/``) and attribute retrieval (``attributes.csv``) of
     the final checkpoint of a model with a text space.
@@ -120,8 +131,15 @@ def language_outputs(cfg, run_cfg, ckpt, table, transform, out, info) -> dict:
 
     results: dict[str, Any] = {"files": {}}
     val = _embed_sets(cfg, run_cfg, ckpt, table, transform, "text_space", ("val",))["val"]
-    if cfg.zero_shot.enabled:
-        prompts = load_class_prompts(str(cfg.zero_shot.prompts), list(val.classes))
+    prompt_file = class_prompt_file(str(cfg.zero_shot.prompts), list(val.classes))
+    if cfg.zero_shot.enabled and prompt_file is None:
+        log.warning(
+            "zero-shot skipped: no packaged class prompts for the classes %s; "
+            "give zero_shot.prompts=/path/prompts.yaml ({class: [descriptions]})",
+            ", ".join(map(str, val.classes)),
+        )
+    if cfg.zero_shot.enabled and prompt_file is not None:
+        prompts = load_class_prompts(prompt_file, list(val.classes))
         encoder = build(_text_encoder_node(run_cfg))
         class_text = embed_prompts(encoder, prompts, run_cfg.model.get("text_cache_dir"))
         scores = zero_shot_scores(

@@ -32,7 +32,7 @@ class EmbedConfig:
 @dataclass
 class ZeroShotConfig:
     enabled: bool = True
-    prompts: str = "opensrh_classes"
+    prompts: str = "auto"
     temperature: float = 0.01
 
 
