@@ -43,6 +43,7 @@ COMMON = {
     "loader.balance": True,
     "dataset.name": "opensrh",
     "dataset.table.include_nondiagnostic": False,
+    "dataset.transform.standardize": False,
     "loss.temperature": 0.07,
     "loss.base_temperature": 0.07,
     "loss.weights.patch": 1.0,

@@ -40,13 +40,11 @@ def _check_raw(arr: np.ndarray, channels: int, dtype: np.dtype, what: str) -> No
         )
 
 
-def srh_base(raw: np.ndarray | torch.Tensor, standardize: bool = False) -> torch.Tensor:
+def srh_base(raw: np.ndarray | torch.Tensor) -> torch.Tensor:
     """Map a raw SRH patch to a 3-channel float image.
 
     Args:
         raw: ``uint16`` array ``(2, H, W)``; channel 0 = CH2, channel 1 = CH3.
-        standardize: first stretch CH2 and CH3 together by :func:`standardize_intensity`
-            (one map for both, so their difference keeps its meaning).
 
     Returns:
         ``float32`` tensor ``(3, H, W)``: ``[CH3 - CH2 + 5000/65536, CH2, CH3]`` after dividing
@@ -59,8 +57,6 @@ def srh_base(raw: np.ndarray | torch.Tensor, standardize: bool = False) -> torch
     arr = _as_numpy(raw)
     _check_raw(arr, 2, np.dtype(np.uint16), "SRH")
     x = torch.from_numpy(arr.astype(np.float32)) / SRH_SCALE
-    if standardize:
-        x = standardize_intensity(x)
     ch2, ch3 = x[0], x[1]
     out = torch.stack((ch3 - ch2 + SRH_OFFSET, ch2, ch3))
     return out.clamp_(0.0, 1.0)
@@ -112,17 +108,18 @@ def _resize(x: torch.Tensor, size: int) -> torch.Tensor:
 
 
 def standardize_intensity(x: torch.Tensor, low: float = 0.01, high: float = 0.99) -> torch.Tensor:
-    """Stretch ``x`` ``(C, H, W)`` from the ``low``..``high`` quantiles of all its values to [0, 1].
+    """Stretch each channel of ``x`` ``(C, H, W)`` from its ``low``..``high`` quantiles to [0, 1].
 
-    One affine map for all channels: a per-image gain and offset shared by the channels (laser
-    power, detector gain, background level: what differs between acquisitions) maps onto the same
-    output, while the channels keep their relation to one another. A constant image becomes 0.
+    A per-image gain, offset or channel balance (laser power, detector gain, background level:
+    what differs between acquisitions) maps onto the same output, so a model cannot tell
+    acquisitions apart by brightness; the price is that absolute intensities and the balance of
+    the channels are no longer seen. A constant channel becomes 0.
     """
-    q = torch.quantile(x.reshape(-1), torch.tensor([low, high], dtype=x.dtype))
-    span = float(q[1] - q[0])
-    if span <= 1e-6:
-        return torch.zeros_like(x)
-    return ((x - q[0]) / span).clamp_(0.0, 1.0)
+    flat = x.reshape(x.shape[0], -1)
+    q = torch.quantile(flat, torch.tensor([low, high], dtype=x.dtype), dim=1)  # [2, C]
+    lo, span = q[0][:, None, None], (q[1] - q[0])[:, None, None]
+    out = torch.where(span > 1e-6, (x - lo) / span.clamp_min(1e-6), torch.zeros_like(x))
+    return out.clamp_(0.0, 1.0)
 
 
 class BaseTransform:
@@ -137,10 +134,9 @@ class BaseTransform:
         resize: with ``size``, resize the whole patch to ``size x size`` instead of cropping
             (bicubic, antialiased; the HLSS paper fed 300-px OpenSRH patches to CLIP's RN50
             this way at 224 px).
-        standardize: stretch each patch from the 1st to the 99th percentile of its values to
-            ``[0, 1]``, one map for all channels (:func:`standardize_intensity`; SRH: on CH2 and
-            CH3 before the difference channel is built), removing per-acquisition gain and
-            offset. Not part of the papers' base transform: an idea of this project.
+        standardize: stretch each channel of each patch from its 1st to its 99th percentile to
+            ``[0, 1]`` (:func:`standardize_intensity`), removing per-acquisition gain, offset and
+            channel balance. Not part of the papers' base transform: an idea of this project.
 
     Call:
         ``transform(raw) -> torch.Tensor`` of shape ``(3, H, W)`` or ``(3, size, size)``,
@@ -173,12 +169,9 @@ class BaseTransform:
         self.standardize = bool(standardize)
 
     def __call__(self, raw: np.ndarray | torch.Tensor) -> torch.Tensor:
-        if self.modality == "srh":
-            x = srh_base(raw, standardize=self.standardize)
-        else:
-            x = MODALITIES[self.modality](raw)
-            if self.standardize:
-                x = standardize_intensity(x)
+        x = MODALITIES[self.modality](raw)
+        if self.standardize:
+            x = standardize_intensity(x)
         if self.size is not None:
             x = _resize(x, self.size) if self.resize else _center_crop_or_resize(x, self.size)
         return x
