@@ -119,6 +119,7 @@ def test_torch_blocked_scan_matches(monkeypatch):
     bank, labels, queries, c = random_problem(n=1000, m=40, d=16, c=4, seed=9)
     whole = knn_scores(bank, labels, queries, c, k=30, backend="torch", device="cpu")
     monkeypatch.setitem(knn._TORCH_BLOCK_ELEMS, "cpu", 40 * 64)  # blocks of 64 bank rows
+    monkeypatch.setattr(knn, "_SCAN_ROWS_PER_TILE", 64)  # the CPU scan: tiles of 64 rows
     blocked = knn_scores(bank, labels, queries, c, k=30, backend="torch", device="cpu")
     np.testing.assert_allclose(blocked, whole, atol=1e-6)
     np.testing.assert_allclose(
@@ -154,7 +155,9 @@ def test_errors():
     if not knn.faiss_gpu_available():
         with pytest.raises(ConfigError, match="faiss_gpu"):
             resolve_backend("faiss_gpu")
-        assert resolve_backend("auto") == "faiss"
+    if not knn.faiss_gpu_available() and not torch.cuda.is_available():
+        # auto on a CPU: the bf16 scan where bf16 is fast, else the exact float32 scan
+        assert resolve_backend("auto") == ("torch_bf16" if knn.cpu_bf16_fast() else "torch")
     with pytest.raises(ConfigError, match="k must"):
         knn_scores(bank, labels, queries, c, k=0, backend="faiss")
     with pytest.raises(ConfigError, match="temperature"):
@@ -171,3 +174,106 @@ def test_errors():
         knn_scores(bank, labels + c, queries, c, backend="faiss")
     with pytest.raises(ValueError, match="bank_labels"):
         knn_scores(bank, labels[:-1], queries, c, backend="faiss")
+
+
+def test_cuda_blocked_topk_merges_blocks():
+    """The CUDA torch path's running top-k merge, run on CPU tensors: blocks of 64 bank rows
+    give the dense answer."""
+    bank, _, queries, _ = random_problem(n=1000, m=40, d=16, seed=4)
+    b = torch.nn.functional.normalize(torch.from_numpy(bank), dim=1)
+    q = torch.nn.functional.normalize(torch.from_numpy(queries), dim=1)
+    sims, idx = knn._blocked_topk(b, q, 30, 40 * 64)
+    want = (q @ b.T).topk(30, dim=1)
+    np.testing.assert_allclose(sims.numpy(), want.values.numpy(), atol=1e-6)
+    np.testing.assert_array_equal(np.sort(idx.numpy(), 1), np.sort(want.indices.numpy(), 1))
+
+
+@pytest.mark.parametrize(
+    ("cuda", "faiss_gpu", "bf16_fast", "device", "want"),
+    [
+        (False, False, True, None, "torch_bf16"),
+        (False, False, False, None, "torch"),
+        (True, False, True, None, "torch"),
+        (True, True, True, None, "faiss_gpu"),
+        (True, True, True, "cpu", "torch_bf16"),
+        (False, True, False, "cpu", "torch"),
+    ],
+)
+def test_auto_picks_fastest_for_device(monkeypatch, cuda, faiss_gpu, bf16_fast, device, want):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
+    monkeypatch.setattr(knn, "faiss_gpu_available", lambda: faiss_gpu)
+    monkeypatch.setattr(knn, "cpu_bf16_fast", lambda: bf16_fast)
+    assert resolve_backend("auto", device) == want
+    # an explicit backend is kept as it is
+    assert resolve_backend("faiss", device) == "faiss"
+    assert resolve_backend("torch_bf16", device) == "torch_bf16"
+
+
+def test_cpu_bf16_fast_is_a_cached_bool(monkeypatch):
+    knn.cpu_bf16_fast.cache_clear()
+    try:
+        monkeypatch.setattr(knn, "_cpu_flags", lambda: {"avx512f", "amx_bf16"})
+        assert knn.cpu_bf16_fast() is True  # native bf16 units: fast, no timing needed
+        knn.cpu_bf16_fast.cache_clear()
+        monkeypatch.setattr(knn, "_cpu_flags", lambda: {"avx2"})
+        before = torch.get_num_threads()
+        assert isinstance(knn.cpu_bf16_fast(), bool)  # decided by timing
+        assert torch.get_num_threads() == before
+        knn.cpu_bf16_fast.cache_clear()
+        monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: False)
+        assert knn.cpu_bf16_fast() is False  # no oneDNN bf16 at all
+    finally:
+        knn.cpu_bf16_fast.cache_clear()
+    assert isinstance(knn.cpu_bf16_fast(), bool)
+    assert knn.cpu_bf16_fast.cache_info().currsize == 1
+
+
+def test_bf16_backend_scores_close_to_float32():
+    bank, labels, queries, c = random_problem(n=3000, m=200, d=64, c=5, seed=21)
+    exact = knn_scores(bank, labels, queries, c, k=50, backend="torch", device="cpu")
+    fast = knn_scores(bank, labels, queries, c, k=50, backend="torch_bf16")
+    # bf16 products move similarities by ~1e-3, weights exp(sim/0.07) by ~2%
+    np.testing.assert_allclose(fast, exact, atol=0.03)
+    np.testing.assert_allclose(fast.sum(1), 1.0, atol=1e-5)
+    index = KNNIndex(bank, labels, c, backend="torch_bf16", device="cuda:0")
+    assert index.backend == "torch_bf16" and index.device.type == "cpu"  # always the CPU scan
+
+
+def test_bf16_contested_votes_are_refined_in_float32(monkeypatch):
+    """Weak-signal embeddings (many near-tied votes): every query whose final margin is below
+    REFINE_MARGIN carries the exact float32 scores, and predictions equal float32's."""
+    rng = np.random.default_rng(12)
+    d, classes, slides = 256, 7, 40
+    slide_dir = 0.1 * rng.standard_normal((slides, d))
+    slide_class = rng.integers(0, classes, slides)
+
+    def draw(rows):
+        slide = rng.integers(0, slides, rows)
+        return (slide_dir[slide] + rng.standard_normal((rows, d))).astype(np.float16), slide
+
+    bank, bank_slide = draw(6000)
+    queries, _ = draw(800)
+    labels = slide_class[bank_slide]
+    refined = []
+    original = knn._streamed_topk
+    monkeypatch.setattr(
+        knn, "_streamed_topk", lambda b, q, k: refined.append(len(q)) or original(b, q, k)
+    )
+    exact = knn_scores(bank, labels, queries, classes, k=200, backend="torch", device="cpu")
+    fast = knn_scores(bank, labels, queries, classes, k=200, backend="torch_bf16")
+    assert sum(refined) > 0
+    top2 = np.sort(fast, 1)[:, -2:]
+    close = top2[:, 1] - top2[:, 0] < knn.REFINE_MARGIN
+    assert close.any()
+    np.testing.assert_allclose(fast[close], exact[close], atol=1e-5)
+    np.testing.assert_array_equal(fast.argmax(1), exact.argmax(1))
+    np.testing.assert_allclose(fast, exact, atol=0.03)
+
+
+def test_bf16_structureless_votes_are_kept_with_a_warning(monkeypatch, caplog):
+    bank, labels, queries, c = random_problem(n=4000, m=200, d=32, c=7, seed=13)
+    monkeypatch.setattr(knn, "_streamed_topk", lambda *a: pytest.fail("no re-vote expected"))
+    with caplog.at_level("WARNING", logger="hlss.eval.knn"):
+        scores = knn_scores(bank, labels, queries, c, k=200, backend="torch_bf16")
+    assert "near-tied" in caplog.text
+    np.testing.assert_allclose(scores.sum(1), 1.0, atol=1e-5)

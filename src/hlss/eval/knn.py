@@ -5,19 +5,29 @@ its ``k`` nearest bank items by cosine similarity (``k`` capped at the bank size
 neighbour by ``exp(sim / T)``; add the weights per class of the neighbours; divide by the sum so
 every query's score vector is L1-normalised (sums to 1).
 
-Search backends (all exact, all inner product on normalised float32 vectors):
+Search backends (inner product on L2-normalised vectors):
 
 * ``"faiss_gpu"`` -- a faiss GPU flat inner-product index (needs faiss built with GPU support and
-  a visible GPU);
-* ``"faiss"`` -- the exact CPU ``faiss.IndexFlatIP``;
-* ``"torch"`` -- chunked matmul + ``topk`` on a torch device (CUDA when available, else CPU);
-* ``"auto"`` -- ``faiss_gpu`` when available, else ``faiss`` (else ``torch`` when faiss itself is
-  not importable).
+  a visible GPU); exact, float32;
+* ``"faiss"`` -- the exact CPU ``faiss.IndexFlatIP``, float32;
+* ``"torch"`` -- float32, exact. On CUDA: chunked matmul + ``topk``; on the CPU: the
+  threshold-pruned tiled scan of :mod:`hlss.eval.knn_scan`;
+* ``"torch_bf16"`` -- the same CPU scan with a bfloat16 similarity product (float32 accumulation):
+  ~2.5x faster where the CPU has native bf16 units (AVX512-BF16/AMX); neighbours differ from
+  float32 ones only at near-ties (|sim difference| below ~1e-3); :meth:`KNNIndex.scores` re-votes
+  on exact float32 similarities every query whose two best classes lie within
+  :data:`REFINE_MARGIN`, so predictions are float32's (unless most votes are near-tied, see
+  :data:`REFINE_MAX_FRACTION`). Always runs on the CPU;
+* ``"auto"`` -- the fastest of these for the device: on CUDA ``faiss_gpu`` when available, else
+  ``torch`` on CUDA; on a CPU ``torch_bf16`` when :func:`cpu_bf16_fast` (a cheap timing, once
+  per process), else ``torch``. ``faiss`` (exact CPU) is never picked by ``auto``: at ``k=200``
+  its heap selection makes it several times slower than the float32 scan; name it to use it.
 
-Queries are streamed in batches of ``batch_size`` and, for the torch backend, the bank is scanned
-in blocks, so no ``m x n`` similarity matrix is ever held in memory; progress (queries done, rate,
+Queries are streamed in batches of ``batch_size`` and, for the torch backends, the bank is scanned
+in tiles, so no ``m x n`` similarity matrix is ever held in memory; progress (queries done, rate,
 ETA) is reported per batch through :class:`hlss.progress.Progress`. Inputs may be numpy arrays or
-torch tensors of any float dtype (embeddings are stored in float16); all arithmetic is float32.
+torch tensors of any float dtype (embeddings are stored in float16); arithmetic is float32 except
+the product of ``torch_bf16``.
 
 Ties: each backend is deterministic, and its neighbours are returned sorted by similarity
 (descending) then bank index (ascending). Backends use different BLAS kernels, so similarities can
@@ -27,6 +37,9 @@ pick different ones; compare backends by scores with a tolerance, not by indices
 
 from __future__ import annotations
 
+import functools
+import logging
+import time
 from typing import Any
 
 import numpy as np
@@ -34,12 +47,27 @@ import torch
 
 from hlss.devices import resolve_device
 from hlss.errors import ConfigError, HLSSError
+from hlss.eval.knn_scan import BankScan, normalised_rows
 from hlss.progress import Progress
 
-BACKENDS = ("auto", "faiss_gpu", "faiss", "torch")
+BACKENDS = ("auto", "faiss_gpu", "faiss", "torch", "torch_bf16")
 
-# Largest similarity block (queries x bank items) the torch backend holds at once, in elements.
+log = logging.getLogger(__name__)
+
+# Largest similarity block (queries x bank items) of the CUDA torch backend, in elements.
 _TORCH_BLOCK_ELEMS = {"cpu": 1 << 25, "cuda": 1 << 28}
+# Tile of the CPU scan (bank items per product) and its query block; see hlss.eval.knn_scan.
+_SCAN_ROWS_PER_TILE = 4096
+_SCAN_QUERIES_PER_BLOCK = 1024
+# Smallest query batch handed to the CPU scan: 16 blocks, so that worker threads share them out
+# evenly even when one core is slowed by another process (its memory is ~4 KB per query).
+_SCAN_MIN_BATCH = 16 * _SCAN_QUERIES_PER_BLOCK
+REFINE_MARGIN = 0.02
+"""``torch_bf16`` scores: queries whose best two classes are closer than this are re-voted on
+float32 similarities (exact), so bf16 rounding cannot flip a prediction..."""
+REFINE_MAX_FRACTION = 0.25
+"""... unless more than this fraction of the queries is that close (data without class
+structure, e.g. random embeddings): then the bf16 scores are kept and a warning is logged."""
 # faiss GPU k-selection limit (2048 since faiss 1.7.3; 1024 before).
 _FAISS_GPU_MAX_K = 2048
 
@@ -67,8 +95,60 @@ def faiss_gpu_available() -> bool:
         return False
 
 
-def resolve_backend(backend: str = "auto") -> str:
-    """The concrete backend (``"faiss_gpu"``, ``"faiss"`` or ``"torch"``) that ``backend`` means.
+def _cpu_flags() -> set[str]:
+    """The CPU feature flags the kernel reports (``/proc/cpuinfo``; empty where unreadable)."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as handle:
+            for line in handle:
+                if line.startswith("flags"):
+                    return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
+
+
+@functools.lru_cache(maxsize=1)
+def cpu_bf16_fast() -> bool:
+    """True when this CPU multiplies bfloat16 matrices clearly faster than float32.
+
+    That is the case with native bf16 units and not where bf16 is emulated. Decided once per
+    process: False where oneDNN has no bf16 support; True where the CPU reports ``amx_bf16`` or
+    ``avx512_bf16`` (2-3x the float32 rate); otherwise (flags unknown or without native bf16) a
+    timing of single-threaded 1-GFLOP products, interleaved, medians of 7 (~0.1 s): bf16 must be
+    at least 1.5x faster.
+    """
+    try:
+        if not torch.ops.mkldnn._is_mkldnn_bf16_supported():
+            return False
+    except (AttributeError, RuntimeError):  # pragma: no cover - torch without the query
+        pass
+    if _cpu_flags() & {"amx_bf16", "avx512_bf16"}:
+        return True
+    gen = torch.Generator().manual_seed(0)
+    a32 = torch.randn(512, 1024, generator=gen)
+    b32 = torch.randn(1024, 1024, generator=gen)
+    a16, b16 = a32.bfloat16(), b32.bfloat16()
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        a16 @ b16, a32 @ b32  # warm-up (oneDNN builds its kernels on first use)
+        t32, t16 = [], []
+        for _ in range(7):
+            start = time.perf_counter()
+            a32 @ b32
+            t32.append(time.perf_counter() - start)
+            start = time.perf_counter()
+            a16 @ b16
+            t16.append(time.perf_counter() - start)
+    finally:
+        torch.set_num_threads(threads)
+    return float(np.median(t16)) * 1.5 < float(np.median(t32))
+
+
+def resolve_backend(backend: str = "auto", device: Any = None) -> str:
+    """The concrete backend (``"faiss_gpu"``, ``"faiss"``, ``"torch"`` or ``"torch_bf16"``) that
+    ``backend`` means on ``device`` (``None``/``"auto"``: CUDA when available, else the CPU; an
+    int is a CUDA index).
 
     Raises:
         ConfigError: ``backend`` is not one of :data:`BACKENDS`, or ``"faiss_gpu"`` is asked
@@ -79,9 +159,13 @@ def resolve_backend(backend: str = "auto") -> str:
             f"knn backend {backend!r} is unknown; choose one of {', '.join(BACKENDS)}"
         )
     if backend == "auto":
-        if faiss_gpu_available():
-            return "faiss_gpu"
-        return "faiss" if _import_faiss() is not None else "torch"
+        on_cpu = not isinstance(device, int) and (
+            (device in (None, "auto") and not torch.cuda.is_available())
+            or (device not in (None, "auto") and resolve_device(device).type == "cpu")
+        )
+        if not on_cpu:
+            return "faiss_gpu" if faiss_gpu_available() else "torch"
+        return "torch_bf16" if cpu_bf16_fast() else "torch"
     if backend == "faiss_gpu" and not faiss_gpu_available():
         faiss = _import_faiss()
         why = (
@@ -202,6 +286,52 @@ def _sort_neighbours(sims: np.ndarray, idx: np.ndarray) -> tuple[np.ndarray, np.
     return np.take_along_axis(sims, order, axis=1), np.take_along_axis(idx, order, axis=1)
 
 
+def _blocked_topk(
+    bank: torch.Tensor, q: torch.Tensor, k: int, block_elems: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Exact top-k of normalised ``q [b, d]`` in normalised ``bank [n, d]`` (any device), by
+    scanning the bank in blocks of ``block_elems // b`` rows; keeps a running best-k per query."""
+    block = max(k, block_elems // max(1, q.shape[0]))
+    best_v: torch.Tensor | None = None
+    best_i: torch.Tensor | None = None
+    for start in range(0, bank.shape[0], block):
+        chunk = bank[start : start + block]
+        sims = q @ chunk.T  # [b, block]
+        v, i = sims.topk(min(k, chunk.shape[0]), dim=1)
+        i = i + start
+        if best_v is None:
+            best_v, best_i = v, i
+        else:
+            v = torch.cat([best_v, v], dim=1)
+            i = torch.cat([best_i, i], dim=1)
+            best_v, pos = v.topk(k, dim=1)
+            best_i = i.gather(1, pos)
+        del sims
+    assert best_v is not None and best_i is not None
+    return best_v, best_i
+
+
+def _streamed_topk(
+    bank: np.ndarray | torch.Tensor, q: torch.Tensor, k: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Exact float32 top-k of normalised CPU ``q [b, d]`` in ``bank [n, d]`` (any float dtype),
+    normalising the bank chunk by chunk (no float32 copy of the whole bank)."""
+    best_v: torch.Tensor | None = None
+    best_i: torch.Tensor | None = None
+    start = 0
+    for chunk in normalised_rows(bank, torch.float32):
+        v, i = (q @ chunk.T).topk(min(k, chunk.shape[0]), dim=1)
+        i = i + start
+        start += chunk.shape[0]
+        if best_v is not None:
+            v, i = torch.cat([best_v, v], dim=1), torch.cat([best_i, i], dim=1)
+            v, pos = v.topk(min(k, v.shape[1]), dim=1)
+            i = i.gather(1, pos)
+        best_v, best_i = v, i
+    assert best_v is not None and best_i is not None
+    return best_v, best_i
+
+
 # --------------------------------------------------------------------------------------------
 # the index
 
@@ -214,10 +344,11 @@ class KNNIndex:
         labels: optional ``[n]`` integer class of each bank row, in ``[0, num_classes)``;
             needed by :meth:`scores`.
         num_classes: number of classes ``C``; needed with ``labels``.
-        backend: one of :data:`BACKENDS`.
+        backend: one of :data:`BACKENDS` (``"auto"`` is resolved for ``device``; the choice is
+            in ``self.backend``).
         device: torch device for ``"torch"`` (``None``/``"auto"``: CUDA when available, else
             CPU), or the GPU (int or ``"cuda:N"``) for ``"faiss_gpu"`` (default 0); ignored by
-            ``"faiss"``.
+            ``"faiss"`` and ``"torch_bf16"`` (CPU).
 
     Raises:
         ConfigError: unknown/unavailable backend.
@@ -233,7 +364,7 @@ class KNNIndex:
         backend: str = "auto",
         device: Any = None,
     ):
-        self.backend = resolve_backend(backend)
+        self.backend = resolve_backend(backend, device)
         bank = _as_2d(bank, "bank")
         self.n, self.dim = int(bank.shape[0]), int(bank.shape[1])
         if self.n == 0:
@@ -248,9 +379,23 @@ class KNNIndex:
             self.labels, self.num_classes = None, None
 
         self._faiss_res = None
-        if self.backend == "torch":
-            self.device = _torch_device(device)
-            self._bank = _normalise_torch(torch.as_tensor(bank).to(self.device))
+        self._scan: BankScan | None = None
+        self._source: np.ndarray | torch.Tensor | None = None
+        if self.backend in ("torch", "torch_bf16"):
+            self.device = (
+                torch.device("cpu") if self.backend == "torch_bf16" else _torch_device(device)
+            )
+            if self.device.type == "cpu":
+                self._scan = BankScan(
+                    bank,
+                    "bf16" if self.backend == "torch_bf16" else "fp32",
+                    rows_per_tile=_SCAN_ROWS_PER_TILE,
+                    queries_per_block=_SCAN_QUERIES_PER_BLOCK,
+                )
+                # the input as given (no copy): float32 source of the contested-vote refinement
+                self._source = bank if self.backend == "torch_bf16" else None
+            else:
+                self._bank = _normalise_torch(torch.as_tensor(bank).to(self.device))
         else:
             faiss = _import_faiss()
             vectors = _normalise_np(_to_numpy(bank))
@@ -269,11 +414,22 @@ class KNNIndex:
 
     # -- search ---------------------------------------------------------------------------------
 
-    def _search_batch(self, q: np.ndarray | torch.Tensor, k: int) -> tuple[np.ndarray, np.ndarray]:
-        """Top-``k`` of one query batch ``[b, d]`` -> (sims [b, k] float32, idx [b, k] int64)."""
-        if self.backend == "torch":
+    def _search_batch(
+        self, q: np.ndarray | torch.Tensor, k: int, sort: bool = True
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Top-``k`` of one query batch ``[b, d]`` -> (sims [b, k] float32, idx [b, k] int64),
+        rows sorted (see :meth:`search`) when ``sort``, else in any order."""
+        if self._scan is not None:
+            sims, idx = self._scan.topk(q, k)
+            sims, idx = sims.numpy(), idx.numpy()
+        elif self.backend == "torch":
             qt = _normalise_torch(torch.as_tensor(q).to(self.device))
-            sims, idx = self._torch_topk(qt, k)
+            sims, idx = _blocked_topk(
+                self._bank,
+                qt,
+                k,
+                _TORCH_BLOCK_ELEMS.get(self.device.type, _TORCH_BLOCK_ELEMS["cpu"]),
+            )
             sims, idx = sims.cpu().numpy(), idx.cpu().numpy()
         else:
             qn = _normalise_np(_to_numpy(q))
@@ -288,29 +444,7 @@ class KNNIndex:
                     ) from err
                 raise
             sims, idx = np.asarray(sims, np.float32), np.asarray(idx, np.int64)
-        return _sort_neighbours(sims, idx)
-
-    def _torch_topk(self, q: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Exact top-k by scanning the bank in blocks; keeps a running best-k per query."""
-        block_elems = _TORCH_BLOCK_ELEMS["cuda" if self.device.type == "cuda" else "cpu"]
-        block = max(k, block_elems // max(1, q.shape[0]))
-        best_v: torch.Tensor | None = None
-        best_i: torch.Tensor | None = None
-        for start in range(0, self.n, block):
-            chunk = self._bank[start : start + block]
-            sims = q @ chunk.T  # [b, block]
-            v, i = sims.topk(min(k, chunk.shape[0]), dim=1)
-            i = i + start
-            if best_v is None:
-                best_v, best_i = v, i
-            else:
-                v = torch.cat([best_v, v], dim=1)
-                i = torch.cat([best_i, i], dim=1)
-                best_v, pos = v.topk(k, dim=1)
-                best_i = i.gather(1, pos)
-            del sims
-        assert best_v is not None and best_i is not None
-        return best_v, best_i
+        return _sort_neighbours(sims, idx) if sort else (sims, idx)
 
     def search(
         self, queries: np.ndarray | torch.Tensor, k: int = 200, batch_size: int = 4096
@@ -320,7 +454,7 @@ class KNNIndex:
         Args:
             queries: ``[m, d]`` float array/tensor (normalised here).
             k: neighbours per query, capped at the bank size.
-            batch_size: queries per search batch.
+            batch_size: queries per search batch (the CPU scan takes at least 16,384).
 
         Returns:
             ``(sims [m, k'] float32, idx [m, k'] int64)`` with ``k' = min(k, n)``, each row
@@ -332,7 +466,7 @@ class KNNIndex:
             ValueError: wrong shape or dimension.
         """
         k = min(_check_k(k), self.n)
-        batch_size = _check_batch_size(batch_size)
+        batch_size = self._batch(_check_batch_size(batch_size))
         queries = self._check_queries(queries)
         m = int(queries.shape[0])
         sims = np.empty((m, k), np.float32)
@@ -362,18 +496,48 @@ class KNNIndex:
             raise ValueError("KNNIndex.scores needs an index built with labels and num_classes")
         k = min(_check_k(k), self.n)
         _check_temperature(temperature)
-        batch_size = _check_batch_size(batch_size)
+        batch_size = self._batch(_check_batch_size(batch_size))
         queries = self._check_queries(queries)
         m = int(queries.shape[0])
         out = np.empty((m, self.num_classes), np.float32)
         with Progress(m, f"kNN search (k={k})", "queries") as progress:
             for start in range(0, m, batch_size):
-                s, i = self._search_batch(queries[start : start + batch_size], k)
+                s, i = self._search_batch(queries[start : start + batch_size], k, sort=False)
                 out[start : start + len(s)] = weighted_vote(
                     s, self.labels[i], self.num_classes, temperature
                 )
                 progress.update(len(s))
+        if self._source is not None and len(out) and self.num_classes > 1:
+            self._refine_contested(out, queries, k, temperature)
         return out
+
+    def _refine_contested(
+        self, out: np.ndarray, queries: np.ndarray | torch.Tensor, k: int, temperature: float
+    ) -> None:
+        """Recompute in float32 (exact) the votes of queries whose two best classes lie within
+        :data:`REFINE_MARGIN` (bf16 moves scores by ~1e-3), in place: predictions then agree
+        with float32 kNN everywhere else by a wide margin."""
+        top2 = np.sort(out, axis=1)[:, -2:]
+        contested = np.flatnonzero(top2[:, 1] - top2[:, 0] < REFINE_MARGIN)
+        if len(contested) > REFINE_MAX_FRACTION * len(out):
+            log.warning(
+                "kNN: %.0f%% of the votes are near-tied (embeddings without class structure?); "
+                "kept their bf16 scores, where a float32 re-vote would cost more than a float32 "
+                "search (knn.backend=torch gives float32 throughout)",
+                100 * len(contested) / len(out),
+            )
+            return
+        for start in range(0, len(contested), _SCAN_QUERIES_PER_BLOCK):
+            rows = contested[start : start + _SCAN_QUERIES_PER_BLOCK]
+            q = queries[torch.from_numpy(rows) if isinstance(queries, torch.Tensor) else rows]
+            sims, idx = _streamed_topk(self._source, _normalise_torch(torch.as_tensor(q).cpu()), k)
+            out[rows] = weighted_vote(
+                sims.numpy(), self.labels[idx.numpy()], self.num_classes, temperature
+            )
+
+    def _batch(self, batch_size: int) -> int:
+        """Queries per search batch: at least :data:`_SCAN_MIN_BATCH` for the CPU scan."""
+        return max(batch_size, _SCAN_MIN_BATCH) if self._scan is not None else batch_size
 
     def _check_queries(self, queries: Any) -> np.ndarray | torch.Tensor:
         queries = _as_2d(queries, "queries")
