@@ -228,7 +228,10 @@ def log_to_mlflow(
     )
     sink = EvalSink(str(uri), run_id, str(cfg.mlflow.experiment), description)
     prefixes = summary["metric_prefixes"]
-    latest = {"backend": cfg.knn.backend, "ckpt": summary["checkpoint"], "out": summary["out"]}
+    from hlss.eval.knn import resolve_backend
+
+    backend = resolve_backend(str(cfg.knn.backend), cfg.embed.device)  # what "auto" chose
+    latest = {"backend": backend, "ckpt": summary["checkpoint"], "out": summary["out"]}
     knn = prefixes["knn"].replace("/", ".")
     sink.log_settings(tracking_params(cfg, run_cfg), {f"{knn}.{k}": v for k, v in latest.items()})
     for row in rows:
