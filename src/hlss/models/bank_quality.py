@@ -89,8 +89,6 @@ def near_duplicates(
     msim = means @ means.T
     for a, b in torch.triu(msim >= threshold, diagonal=1).nonzero().tolist():
         found.append(
-            NearDuplicate(
-                float(msim[a, b]), "attribute", (bank.names[a], ""), (bank.names[b], "")
-            )
+            NearDuplicate(float(msim[a, b]), "attribute", (bank.names[a], ""), (bank.names[b], ""))
         )
     return sorted(found, key=lambda d: -d.cosine)
