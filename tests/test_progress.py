@@ -231,15 +231,20 @@ def every_update(monkeypatch, caplog):
 
 
 def test_knn_reports_queries(every_update):
-    from hlss.eval.knn import knn_scores
+    from hlss.eval.knn import KNNIndex, knn_scores
 
     rng = np.random.default_rng(0)
-    bank, queries = rng.normal(size=(50, 8)), rng.normal(size=(30, 8))
-    scores = knn_scores(bank, rng.integers(0, 3, 50), queries, 3, k=5, batch_size=10)
-    assert scores.shape == (30, 3)
+    bank = rng.normal(size=(50, 8))
+    labels = rng.integers(0, 3, 50)
+    # searched in blocks of batch_size queries (the CPU scan takes larger ones)
+    block = KNNIndex(bank, labels, num_classes=3)._batch(10)
+    queries = rng.normal(size=(2 * block + 5, 8))
+    scores = knn_scores(bank, labels, queries, 3, k=5, batch_size=10)
+    assert scores.shape == (len(queries), 3)
     lines = every_update()
-    assert lines[0].startswith("kNN search (k=5) 10/30 queries (33%) |")
-    assert lines[-1].startswith("kNN search (k=5) 30/30 queries (100%) done in")
+    total = len(queries)
+    assert lines[0].startswith(f"kNN search (k=5) {block}/{total} queries (")
+    assert lines[-1].startswith(f"kNN search (k=5) {total}/{total} queries (100%) done in")
 
 
 def test_zero_shot_reports_patches(every_update):
