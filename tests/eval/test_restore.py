@@ -58,6 +58,65 @@ def test_list_checkpoints_last_only_and_single_file(tmp_path):
     assert list_checkpoints(last) == [last]
 
 
+def _saved(path, step: int) -> str:
+    """A small real checkpoint file holding only ``global_step``."""
+    os.makedirs(os.path.dirname(str(path)), exist_ok=True)
+    torch.save({"global_step": step, "epoch": 0}, str(path))
+    return str(path)
+
+
+def test_list_checkpoints_adds_last_when_it_is_further_trained(tmp_path):
+    # resumed to max_steps=9 with a step checkpoint every 3 steps: the step-9 weights are only
+    # in last.ckpt
+    ck = tmp_path / "run" / "checkpoints"
+    s3 = _saved(ck / "step-0000003.ckpt", 3)
+    s6 = _saved(ck / "step-0000006.ckpt", 6)
+    last = _saved(ck / "last.ckpt", 9)
+    assert list_checkpoints(str(tmp_path / "run")) == [s3, s6, last]
+    assert list_checkpoints(str(ck)) == [s3, s6, last]
+    assert checkpoint_info(last)["step"] == 9  # what names its metrics row and steps/ folder
+
+
+def test_list_checkpoints_last_at_the_newest_step_is_not_listed_twice(tmp_path):
+    ck = tmp_path / "checkpoints"
+    s3 = _saved(ck / "step-0000003.ckpt", 3)
+    s6 = _saved(ck / "step-0000006.ckpt", 6)
+    _saved(ck / "last.ckpt", 6)
+    assert list_checkpoints(str(tmp_path)) == [s3, s6]
+    _saved(ck / "last.ckpt", 4)  # older than the newest step checkpoint: not listed either
+    assert list_checkpoints(str(tmp_path)) == [s3, s6]
+
+
+def test_list_checkpoints_takes_the_newest_last_file(tmp_path):
+    ck = tmp_path / "checkpoints"
+    s3 = _saved(ck / "step-0000003.ckpt", 3)
+    old = _saved(ck / "last.ckpt", 4)
+    newer = _saved(ck / "last-v1.ckpt", 5)
+    os.utime(old, (1_000_000, 1_000_000))
+    os.utime(newer, (2_000_000, 2_000_000))
+    assert list_checkpoints(str(tmp_path)) == [s3, newer]
+
+
+def test_list_checkpoints_unreadable_last_is_left_out_with_a_warning(tmp_path, caplog):
+    ck = tmp_path / "checkpoints"
+    s3 = _saved(ck / "step-0000003.ckpt", 3)
+    bad = _touch(ck / "last.ckpt", b"\x00not a checkpoint")
+    with caplog.at_level("WARNING", logger="hlss"):
+        assert list_checkpoints(str(tmp_path)) == [s3]
+    assert any(bad in r.getMessage() for r in caplog.records)
+
+
+def test_list_checkpoints_real_run_stopped_between_step_checkpoints(tiny_run, tmp_path):
+    # the tiny run without its step-2 checkpoint: its final weights (step 2) are in last.ckpt
+    ck = tmp_path / "run" / "checkpoints"
+    ck.mkdir(parents=True)
+    first = shutil.copy(tiny_run["checkpoints"][0], ck / "step-0000001.ckpt")
+    last = shutil.copy(tiny_run["last"], ck / "last.ckpt")
+    listed = list_checkpoints(str(tmp_path / "run"))
+    assert listed == [str(first), str(last)]
+    assert [checkpoint_info(p)["step"] for p in listed] == [1, 2]
+
+
 def test_list_checkpoints_errors(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(HLSSError) as err:

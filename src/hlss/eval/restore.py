@@ -11,6 +11,7 @@ checkpoint files.)
 
 from __future__ import annotations
 
+import logging
 import os
 import random
 import re
@@ -34,6 +35,8 @@ __all__ = [
     "untrained_model",
 ]
 
+log = logging.getLogger(__name__)
+
 CONFIG_NAME = "config.yaml"
 MODEL_PREFIX = "model."
 
@@ -45,16 +48,43 @@ def _is_last(name: str) -> bool:
     return _LAST_NAME.fullmatch(name) is not None
 
 
+def _stored_step(path: str) -> int:
+    """The ``global_step`` a checkpoint file holds (tensors memory-mapped, not read).
+
+    Raises:
+        HLSSError: the file is unreadable or holds no integer ``global_step``.
+    """
+    state = load_checkpoint_file(path, mmap=True)
+    step = state.get("global_step") if isinstance(state, Mapping) else None
+    if not isinstance(step, int):
+        raise HLSSError(f"{path}: checkpoint has no step in its name and no global_step inside")
+    return step
+
+
 def _step_of(path: str) -> int:
     """Training step of a checkpoint: from a ``step-NNNNNNN`` name, else its ``global_step``."""
     match = _STEP_NAME.search(os.path.basename(path))
     if match:
         return int(match.group(1))
-    state = load_checkpoint_file(path)
-    step = state.get("global_step") if isinstance(state, Mapping) else None
-    if not isinstance(step, int):
-        raise HLSSError(f"{path}: checkpoint has no step in its name and no global_step inside")
-    return step
+    return _stored_step(path)
+
+
+def _last_if_newer(lasts: list[str], newest_step: int) -> list[str]:
+    """``[newest last*.ckpt]`` when it is further trained than ``newest_step``, else ``[]``.
+
+    A run whose final step is not a multiple of ``checkpoint.every_n_steps`` has its final
+    weights only in ``last.ckpt``. An unreadable ``last.ckpt`` is left out with a warning (the
+    step checkpoints can still be evaluated).
+    """
+    if not lasts:
+        return []
+    last = max(lasts, key=os.path.getmtime)
+    try:
+        step = _stored_step(last)
+    except HLSSError as err:
+        log.warning("%s; evaluating the step checkpoints only", err)
+        return []
+    return [last] if step > newest_step else []
 
 
 def list_checkpoints(ckpt: str) -> list[str]:
@@ -68,8 +98,12 @@ def list_checkpoints(ckpt: str) -> list[str]:
         Absolute paths. A file gives ``[file]``. A folder gives every ``*.ckpt`` except
         ``last.ckpt`` (and Lightning's ``last-vN.ckpt``), ordered by training step (parsed from
         ``step-NNNNNNN`` in the name; a checkpoint named otherwise is opened for its
-        ``global_step``); ``last.ckpt`` is listed only when there is no other checkpoint.
-        Hidden files (interrupted atomic writes ``.tmp-*.ckpt``) are ignored.
+        ``global_step``). The newest ``last*.ckpt`` is added at the end when its ``global_step``
+        is greater than the newest step checkpoint's (a run that stopped between two step
+        checkpoints), and is the only entry when there is no other checkpoint; a ``last.ckpt``
+        at the same step as the newest step checkpoint is not listed twice, and an unreadable
+        one beside step checkpoints is left out with a warning. Hidden files (interrupted atomic
+        writes ``.tmp-*.ckpt``) are ignored.
 
     Raises:
         HLSSError: the path does not exist, the folder holds no checkpoint, or a checkpoint
@@ -88,10 +122,10 @@ def list_checkpoints(ckpt: str) -> list[str]:
         if n.endswith(".ckpt") and not n.startswith(".") and os.path.isfile(os.path.join(folder, n))
     )
     steps = [os.path.join(folder, n) for n in names if not _is_last(n)]
-    if steps:
-        keyed = [(_step_of(p), os.path.basename(p), p) for p in steps]
-        return [p for _, _, p in sorted(keyed)]
     lasts = [os.path.join(folder, n) for n in names if _is_last(n)]
+    if steps:
+        keyed = sorted((_step_of(p), os.path.basename(p), p) for p in steps)
+        return [p for _, _, p in keyed] + _last_if_newer(lasts, keyed[-1][0])
     if lasts:
         return [max(lasts, key=os.path.getmtime)]
     raise HLSSError(f"{ckpt}: no checkpoint (*.ckpt) found in {folder}")
