@@ -15,6 +15,15 @@ from hlss.eval.knn import KNNIndex, knn_scores, knn_search, resolve_backend, wei
 CPU_BACKENDS = ["faiss", "torch"]
 
 
+@pytest.fixture(autouse=True)
+def _fresh_backend_choice():
+    """resolve_backend remembers its answers per process: each test decides afresh, and what a
+    test decided under patched probes is not left to later tests."""
+    knn._resolve_backend.cache_clear()
+    yield
+    knn._resolve_backend.cache_clear()
+
+
 def reference_scores(bank, labels, queries, num_classes, k, temperature):
     """Dense protocol kNN: all similarities, full argsort, exp(sim/T) votes, L1 normalisation."""
     b = np.asarray(bank, np.float64)
@@ -207,6 +216,45 @@ def test_auto_picks_fastest_for_device(monkeypatch, cuda, faiss_gpu, bf16_fast, 
     # an explicit backend is kept as it is
     assert resolve_backend("faiss", device) == "faiss"
     assert resolve_backend("torch_bf16", device) == "torch_bf16"
+
+
+def test_auto_is_decided_once_per_backend_and_device(monkeypatch):
+    probes = {"bf16": 0, "faiss_gpu": 0}
+
+    def timed_bf16() -> bool:  # stands for the matmul timing
+        probes["bf16"] += 1
+        return True
+
+    def faiss_gpu() -> bool:
+        probes["faiss_gpu"] += 1
+        return True
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(knn, "cpu_bf16_fast", timed_bf16)
+    monkeypatch.setattr(knn, "faiss_gpu_available", faiss_gpu)
+    assert resolve_backend("auto", "cpu") == "torch_bf16"
+    assert resolve_backend("auto", "cpu") == "torch_bf16"
+    assert probes == {"bf16": 1, "faiss_gpu": 0}
+    # another device is another decision, itself made once
+    assert resolve_backend("auto", None) == "faiss_gpu"
+    assert resolve_backend("auto", None) == "faiss_gpu"
+    assert probes == {"bf16": 1, "faiss_gpu": 1}
+    # the answer stays for the process, even if a probe would now say otherwise
+    monkeypatch.setattr(knn, "cpu_bf16_fast", lambda: False)
+    assert resolve_backend("auto", "cpu") == "torch_bf16"
+    knn._resolve_backend.cache_clear()
+    assert resolve_backend("auto", "cpu") == "torch"
+
+
+def test_backend_errors_are_not_remembered(monkeypatch):
+    available = [False]
+    monkeypatch.setattr(knn, "faiss_gpu_available", lambda: available[0])
+    with pytest.raises(ConfigError, match="faiss_gpu"):
+        resolve_backend("faiss_gpu", 0)
+    available[0] = True
+    assert resolve_backend("faiss_gpu", 0) == "faiss_gpu"
+    with pytest.raises(ConfigError, match="unknown"):
+        resolve_backend("annoy", ["not", "hashable"])
 
 
 def test_cpu_bf16_fast_is_a_cached_bool(monkeypatch):

@@ -150,10 +150,24 @@ def resolve_backend(backend: str = "auto", device: Any = None) -> str:
     ``backend`` means on ``device`` (``None``/``"auto"``: CUDA when available, else the CPU; an
     int is a CUDA index).
 
+    Decided once per process for each ``(backend, device)``: every evaluation of a run (one per
+    checkpoint) gets the first answer without probing faiss, CUDA or the CPU's bf16 speed again
+    (``_resolve_backend.cache_clear()`` forgets the answers). Errors are not remembered.
+
     Raises:
         ConfigError: ``backend`` is not one of :data:`BACKENDS`, or ``"faiss_gpu"`` is asked
             for without a GPU-enabled faiss and a visible GPU, or ``"faiss"`` without faiss.
     """
+    try:
+        hash(device)
+    except TypeError:  # not a device spelling a cache can hold: decide without remembering
+        return _resolve_backend.__wrapped__(backend, device)
+    return _resolve_backend(backend, device)
+
+
+@functools.lru_cache(maxsize=64, typed=True)
+def _resolve_backend(backend: str, device: Any) -> str:
+    """:func:`resolve_backend`'s decision, remembered per ``(backend, device)``."""
     if backend not in BACKENDS:
         raise ConfigError(
             f"knn backend {backend!r} is unknown; choose one of {', '.join(BACKENDS)}"
