@@ -16,6 +16,7 @@ from hlss.cli import tile as tile_cli
 from hlss.data.io import read_patch
 from hlss.data.manifest import read_manifest, read_string_csv
 from hlss.data.tcga import read_tcga
+from hlss.data.wsi.settings import VAL_FRACTION, WORKERS, TileSettings
 from hlss.schemas.tile import TileConfig
 from tests.data.wsi_slides import slide_levels, truncate, write_generic, write_svs
 from tests.train.helpers import run_train, summaries
@@ -157,3 +158,28 @@ def test_help_as_a_subprocess(tmp_path):
         assert f"\n  {field.name} " in proc.stdout, field.name
     assert "[224]" in proc.stdout and "Powered by Hydra" not in proc.stdout
     assert os.listdir(tmp_path) == []
+
+
+def test_defaults_come_from_the_tile_settings_and_the_yaml_repeats_them():
+    from importlib.resources import files
+
+    from omegaconf import OmegaConf
+
+    yaml = OmegaConf.load(str(files("hlss.conf") / "tile.yaml"))
+    cut = dataclasses.asdict(TileSettings())
+    cut["compression"] = cut["compression"] or "none"  # the command spells None as "none"
+    cut.update(workers=WORKERS, val_fraction=VAL_FRACTION)
+    for field in dataclasses.fields(TileConfig):
+        if field.name in ("slides", "out"):
+            continue  # required, no default
+        assert yaml[field.name] == field.default, f"conf/tile.yaml {field.name}"
+        if field.name in cut:
+            assert field.default == cut[field.name], field.name
+    assert set(cut) <= {f.name for f in dataclasses.fields(TileConfig)}
+
+
+def test_schema_loads_no_numpy():
+    code = "import sys, hlss.schemas.tile; print('numpy' in sys.modules)"
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "False"

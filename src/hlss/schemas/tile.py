@@ -1,8 +1,9 @@
 """Schema of ``hlss-tile``'s primary config (``conf/tile.yaml``).
 
-The defaults and comments users see live in the YAML file; this dataclass fixes the keys and
-their types, so Hydra refuses ``patch_size=abc`` when it composes and
-:func:`hlss.config.check_schema` refuses a key it does not have. ``slides`` and ``out`` are
+This dataclass fixes the keys and their types, so Hydra refuses ``patch_size=abc`` when it
+composes and :func:`hlss.config.check_schema` refuses a key it does not have. Its defaults are
+read from :mod:`hlss.data.wsi.settings` (their single source); the YAML file repeats them with
+the comments users see in ``--help``, and a test holds the two equal. ``slides`` and ``out`` are
 required on the command line.
 """
 
@@ -13,6 +14,11 @@ from dataclasses import dataclass
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING
 
+from hlss.data.wsi.settings import VAL_FRACTION, WORKERS, TileSettings
+
+_CUT = TileSettings()
+"""The default cutting settings."""
+
 
 @dataclass
 class TileConfig:
@@ -20,20 +26,20 @@ class TileConfig:
 
     slides: str = MISSING
     out: str = MISSING
-    patch_size: int = 300
-    mpp: float = 0.5
-    magnification: float | None = None
-    slide_mpp: float | None = None
-    tissue_threshold: float = 0.5
-    max_patches_per_slide: int = 0
-    workers: int = 2
+    patch_size: int = _CUT.patch_size
+    mpp: float = _CUT.mpp
+    magnification: float | None = _CUT.magnification
+    slide_mpp: float | None = _CUT.slide_mpp
+    tissue_threshold: float = _CUT.tissue_threshold
+    max_patches_per_slide: int = _CUT.max_patches_per_slide
+    workers: int = WORKERS
     labels: str | None = None
     split: str | None = None
-    val_fraction: float = 0.25
-    seed: int = 0
-    backend: str = "tiffslide"
-    compression: str = "lzf"
-    thumbnail_size: int = 1024
+    val_fraction: float = VAL_FRACTION
+    seed: int = _CUT.seed
+    backend: str = _CUT.backend
+    compression: str = _CUT.compression or "none"
+    thumbnail_size: int = _CUT.thumbnail_size
 
 
 def register(store: ConfigStore) -> None:

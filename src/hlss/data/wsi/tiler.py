@@ -22,7 +22,7 @@ import math
 import os
 import time
 import zlib
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -34,9 +34,21 @@ from hlss.data.wsi.grid import (
     target_resolution,
     tissue_fractions,
 )
+from hlss.data.wsi.settings import TileSettings
 from hlss.data.wsi.slide import Slide, SlideError, open_slide
 from hlss.data.wsi.tissue import tissue_mask
 from hlss.errors import HLSSError
+
+__all__ = [
+    "FORMAT",
+    "THUMBNAILS",
+    "SlideResult",
+    "TileSettings",
+    "read_finished",
+    "slide_file",
+    "thumbnail_file",
+    "tile_slide",
+]
 
 FORMAT = "hlss-tile/1"
 THUMBNAILS = "thumbnails"
@@ -49,36 +61,6 @@ MAX_READ_WIDTH = 8192
 """Widest region read at once (a run of adjacent patches of one grid row)."""
 WRITE_BATCH = 64
 OUTLINE = (0, 200, 0)
-
-
-@dataclass(frozen=True)
-class TileSettings:
-    """How slides are cut (the keys of ``hlss-tile`` that change the patches)."""
-
-    patch_size: int = 300
-    mpp: float = 0.5
-    magnification: float | None = None
-    slide_mpp: float | None = None
-    tissue_threshold: float = 0.5
-    max_patches_per_slide: int = 0
-    seed: int = 0
-    backend: str = "tiffslide"
-    compression: str | None = "lzf"
-    thumbnail_size: int = 1024
-
-    def identity(self) -> dict:
-        """The settings a finished slide file must share with a rerun to be reused."""
-        keys = (
-            "patch_size",
-            "mpp",
-            "magnification",
-            "slide_mpp",
-            "tissue_threshold",
-            "max_patches_per_slide",
-            "seed",
-        )
-        values = asdict(self)
-        return {k: values[k] for k in keys if k != "mpp" or self.magnification is None}
 
 
 @dataclass
