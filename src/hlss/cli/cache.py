@@ -11,14 +11,9 @@ from __future__ import annotations
 import datetime as _dt
 import os
 
-import hydra
-from omegaconf import DictConfig
-
 from hlss.cache_admin import KINDS, CacheEntry, Inventory, clear, scan, totals
-from hlss.cli.common import command_argv, report_errors, run_hydra_command
-from hlss.config import check_config
+from hlss.cli.common import run_config_command
 from hlss.schemas.cache import CacheConfig
-from hlss.schemas.tools import to_typed
 
 PROG = "hlss-cache"
 
@@ -77,21 +72,16 @@ def format_cleared(inventory: Inventory, removed: list[CacheEntry], dry_run: boo
     return "\n".join(lines)
 
 
-@hydra.main(config_path="pkg://hlss.conf", config_name="cache", version_base="1.3")
-def _cache(cfg: DictConfig) -> None:
-    """List the cache, or clear what ``cfg.clear`` selects; prints the result.
+def cache(args: CacheConfig) -> None:
+    """List the cache, or clear what ``args.clear`` selects; prints the result.
 
     Raises:
-        SystemExit(2): one error line for an unknown key or value, or a refused root.
+        HLSSError: an unknown ``clear`` value or a refused root.
     """
-    report_errors(check_config, cfg, CacheConfig)
-    args: CacheConfig = report_errors(to_typed, cfg)  # cfg.clear would be DictConfig.clear
-    if args.clear is None:
-        print(format_listing(report_errors(scan, args.root)))
+    if args.clear is None:  # typed: on the DictConfig, cfg.clear would be DictConfig.clear
+        print(format_listing(scan(args.root)))
         return
-    inventory, removed = report_errors(
-        clear, args.clear, args.root, args.older_than_days, args.dry_run
-    )
+    inventory, removed = clear(args.clear, args.root, args.older_than_days, args.dry_run)
     print(format_cleared(inventory, removed, args.dry_run))
 
 
@@ -101,9 +91,7 @@ def main(argv: list[str] | None = None) -> int:
     Raises:
         SystemExit: status 2 with one ``error:`` line for bad input; status 0 after ``--help``.
     """
-    with command_argv(PROG, argv):
-        run_hydra_command(_cache)
-    return 0
+    return run_config_command(PROG, "cache", CacheConfig, cache, argv)
 
 
 if __name__ == "__main__":

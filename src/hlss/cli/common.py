@@ -124,6 +124,68 @@ def run_hydra_command(app: Callable[[], Any]) -> None:
             os.environ["HYDRA_FULL_ERROR"] = user_setting
 
 
+def _module_name(func: Callable) -> str:
+    """The importable module ``func`` is defined in (``python -m hlss.cli.x`` runs it as
+    ``__main__``; its spec still names it)."""
+    name = func.__module__
+    if name == "__main__":
+        spec = getattr(sys.modules.get("__main__"), "__spec__", None)
+        name = spec.name if spec is not None else name
+    return name
+
+
+def run_config_command(
+    prog: str,
+    config_name: str,
+    schema: type,
+    task: Callable[[Any], int | None],
+    argv: Sequence[str] | None = None,
+) -> int:
+    """Run a console script whose work is ``task(args)`` on its typed config.
+
+    Composes ``conf/<config_name>.yaml`` with the ``key=value`` overrides of ``argv`` through
+    Hydra (``--help`` prints the command's help), holds the result against ``schema``
+    (:func:`hlss.config.check_config`: unknown keys, missing values), turns it into a ``schema``
+    instance (:func:`hlss.schemas.tools.to_typed`) and calls ``task`` with it. Every user error
+    on the way, and any :class:`HLSSError` ``task`` raises, ends in one ``error:`` line on
+    stderr and exit status 2 (see :func:`report_errors` and :func:`run_hydra_command`).
+
+    Args:
+        prog: the command's name, ``argv[0]`` for Hydra (e.g. ``"hlss-tile"``).
+        config_name: the primary config in ``hlss/conf`` (e.g. ``"tile"``).
+        schema: its dataclass (e.g. :class:`hlss.schemas.tile.TileConfig`).
+        task: does the work and prints; returns the exit status (``None``: 0).
+        argv: the arguments (``None``: the process's own).
+
+    Returns:
+        ``task``'s status.
+
+    Raises:
+        SystemExit: status 2 for a usage error or an :class:`HLSSError` (one line on stderr),
+            130 on Ctrl-C, 0 after ``--help`` (Hydra prints the help; ``task`` is not called).
+    """
+    import hydra
+
+    from hlss.config import check_config
+    from hlss.schemas.tools import to_typed
+
+    status: list[int] = []  # a @hydra.main app returns nothing: the task leaves its status here
+
+    def app(cfg) -> None:
+        report_errors(check_config, cfg, schema)
+        args = report_errors(to_typed, cfg)
+        status.append(report_errors(task, args) or 0)
+
+    # Hydra names the job after the module of the function it runs: keep the command's name
+    app.__module__ = _module_name(task)
+    app = hydra.main(config_path="pkg://hlss.conf", config_name=config_name, version_base="1.3")(
+        app
+    )
+    with command_argv(prog, argv):
+        run_hydra_command(app)
+    return status[0] if status else 0
+
+
 class DropMessages(logging.Filter):
     """A logger filter that drops the records whose message starts with one of ``starts``."""
 

@@ -10,14 +10,9 @@ from __future__ import annotations
 
 import dataclasses
 
-import hydra
-from omegaconf import DictConfig
-
-from hlss.cli.common import command_argv, report_errors, run_hydra_command
-from hlss.config import check_config
+from hlss.cli.common import run_config_command
 from hlss.levels import LEVELS
 from hlss.schemas.export import ExportConfig
-from hlss.schemas.tools import to_typed
 
 PROG = "hlss-export"
 
@@ -39,20 +34,17 @@ def summary_lines(result: dict) -> list[str]:
     return lines
 
 
-@hydra.main(config_path="pkg://hlss.conf", config_name="export", version_base="1.3")
-def _export(cfg: DictConfig) -> None:
-    """Export as ``cfg`` (an :class:`ExportConfig`) says and print two summary lines.
+def export(args: ExportConfig) -> None:
+    """Export as ``args`` says and print two summary lines.
 
     Raises:
-        SystemExit(2): one error line for an unknown key, a missing ``ckpt``/``out``, an unknown
-            ``dtype``, an existing non-empty ``out``, or a missing / unreadable checkpoint.
+        HLSSError: an unknown ``dtype``, an existing non-empty ``out``, or a missing /
+            unreadable checkpoint.
     """
     from hlss.export import check_request, export_model
 
-    report_errors(check_config, cfg, ExportConfig)
-    args: ExportConfig = report_errors(to_typed, cfg)
-    report_errors(check_request, args.out, args.dtype)  # before the checkpoint is read
-    result = report_errors(export_model, **dataclasses.asdict(args))
+    check_request(args.out, args.dtype)  # before the checkpoint is read
+    result = export_model(**dataclasses.asdict(args))
     print("\n".join(summary_lines(result)))
 
 
@@ -62,9 +54,7 @@ def main(argv: list[str] | None = None) -> int:
     Raises:
         SystemExit: status 2 with one ``error:`` line for bad input; status 0 after ``--help``.
     """
-    with command_argv(PROG, argv):
-        run_hydra_command(_export)
-    return 0
+    return run_config_command(PROG, "export", ExportConfig, export, argv)
 
 
 if __name__ == "__main__":

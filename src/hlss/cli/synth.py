@@ -15,13 +15,9 @@ import json
 import os
 import time
 
-import hydra
-from omegaconf import DictConfig
-
-from hlss.cli.common import command_argv, report_errors, run_hydra_command
-from hlss.config import check_config
+from hlss.cli.common import run_config_command
 from hlss.data.opensrh import META_FILE, SPLIT_FILE
-from hlss.schemas.tools import SynthConfig, to_typed
+from hlss.schemas.tools import SynthConfig
 
 PROG = "hlss-synth"
 
@@ -42,20 +38,16 @@ def _summary(root: str, seconds: float) -> str:
     )
 
 
-@hydra.main(config_path="pkg://hlss.conf", config_name="synth", version_base="1.3")
-def _synth(cfg: DictConfig) -> None:
-    """Generate the dataset of ``cfg`` (a :class:`SynthConfig`) and print one summary line.
+def synth(args: SynthConfig) -> None:
+    """Generate the dataset of ``args`` and print one summary line.
 
     Raises:
-        SystemExit(2): one error line for an unknown key, a missing ``out``, a parameter out of
-            range or an existing non-empty ``out`` directory.
+        HLSSError: a parameter out of range or an existing non-empty ``out`` directory.
     """
     from hlss.data.synthetic import generate_opensrh
 
-    report_errors(check_config, cfg, SynthConfig)
-    args: SynthConfig = report_errors(to_typed, cfg)
     start = time.perf_counter()
-    root = report_errors(generate_opensrh, **dataclasses.asdict(args))
+    root = generate_opensrh(**dataclasses.asdict(args))
     print(_summary(root, time.perf_counter() - start))
 
 
@@ -65,9 +57,7 @@ def main(argv: list[str] | None = None) -> int:
     Raises:
         SystemExit: status 2 with one ``error:`` line for bad input; status 0 after ``--help``.
     """
-    with command_argv(PROG, argv):
-        run_hydra_command(_synth)
-    return 0
+    return run_config_command(PROG, "synth", SynthConfig, synth, argv)
 
 
 if __name__ == "__main__":

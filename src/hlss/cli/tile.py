@@ -18,13 +18,8 @@ from __future__ import annotations
 
 import sys
 
-import hydra
-from omegaconf import DictConfig
-
-from hlss.cli.common import command_argv, report_errors, run_hydra_command
-from hlss.config import check_config
+from hlss.cli.common import run_config_command
 from hlss.schemas.tile import TileConfig
-from hlss.schemas.tools import to_typed
 
 PROG = "hlss-tile"
 
@@ -38,7 +33,7 @@ def tile(args: TileConfig) -> int:
             read).
     """
     from hlss.data.wsi.run import tile_slides
-    from hlss.data.wsi.tiler import TileSettings
+    from hlss.data.wsi.settings import TileSettings
 
     settings = TileSettings(
         patch_size=args.patch_size,
@@ -74,22 +69,13 @@ def main(argv: list[str] | None = None) -> int:
     """Run ``hlss-tile`` with ``argv`` (default: the process's arguments).
 
     Returns:
-        0 when every slide is tiled (or after ``--help``), 1 when a slide failed or nothing was
-        finished.
+        0 when every slide is tiled, 1 when a slide failed or nothing was finished.
 
     Raises:
-        SystemExit(2): a usage error or any other :class:`HLSSError` (one line on stderr).
+        SystemExit: status 2 for a usage error or any other :class:`HLSSError` (one line on
+            stderr); status 0 after ``--help``.
     """
-    status: list[int] = []  # a @hydra.main app returns nothing: the task leaves its status here
-
-    @hydra.main(config_path="pkg://hlss.conf", config_name="tile", version_base="1.3")
-    def _tile(cfg: DictConfig) -> None:
-        report_errors(check_config, cfg, TileConfig)
-        status.append(report_errors(tile, report_errors(to_typed, cfg)))
-
-    with command_argv(PROG, argv):
-        run_hydra_command(_tile)
-    return status[0] if status else 0
+    return run_config_command(PROG, "tile", TileConfig, tile, argv)
 
 
 if __name__ == "__main__":

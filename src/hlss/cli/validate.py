@@ -18,13 +18,9 @@ from __future__ import annotations
 import sys
 import time
 
-import hydra
-from omegaconf import DictConfig
-
-from hlss.cli.common import command_argv, report_errors, run_hydra_command
-from hlss.config import check_config
+from hlss.cli.common import run_config_command
 from hlss.errors import ConfigError
-from hlss.schemas.tools import ValidateConfig, to_typed
+from hlss.schemas.tools import ValidateConfig
 
 PROG = "hlss-validate"
 
@@ -103,22 +99,14 @@ def main(argv: list[str] | None = None) -> int:
     """Run ``hlss-validate`` with ``argv`` (default: the process's arguments).
 
     Returns:
-        0 when the report is clean or has warnings only (or after ``--help``), 1 when it has an
-        error (``strict=true``: a warning too).
+        0 when the report is clean or has warnings only, 1 when it has an error
+        (``strict=true``: a warning too).
 
     Raises:
-        SystemExit(2): a usage error or any other :class:`HLSSError` (one line on stderr).
+        SystemExit: status 2 for a usage error or any other :class:`HLSSError` (one line on
+            stderr); status 0 after ``--help``.
     """
-    status: list[int] = []  # a @hydra.main app returns nothing: the task leaves its status here
-
-    @hydra.main(config_path="pkg://hlss.conf", config_name="validate", version_base="1.3")
-    def _validate(cfg: DictConfig) -> None:
-        report_errors(check_config, cfg, ValidateConfig)
-        status.append(report_errors(validate, report_errors(to_typed, cfg)))
-
-    with command_argv(PROG, argv):
-        run_hydra_command(_validate)
-    return status[0] if status else 0
+    return run_config_command(PROG, "validate", ValidateConfig, validate, argv)
 
 
 if __name__ == "__main__":
