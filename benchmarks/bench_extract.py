@@ -14,22 +14,18 @@ Usage: python benchmarks/bench_extract.py [--quick] [override ...]   (Hydra over
 
 from __future__ import annotations
 
-import argparse
-import json
 import os
 import tempfile
-import time
 
 import torch
-from hydra import compose, initialize_config_module
+from common import stage_main, timed, train_config
 
-from hlss.config import build_model, register_resolvers
+from hlss.config import build_model
 from hlss.data.io import load_patch
 from hlss.data.opensrh import read_opensrh
 from hlss.data.synthetic import generate_opensrh
 from hlss.data.transforms import BaseTransform
 from hlss.eval.embed import embed_table
-from hlss.schemas import register_schemas
 
 
 def measure(
@@ -37,20 +33,9 @@ def measure(
 ) -> dict:
     """The ``extract`` section: ``{"images_per_s", "forward_only_images_per_s", "ratio"}``."""
     device = torch.device("cpu") if device is None else device
-    register_resolvers()
-    register_schemas()
     size, per_slide, batch_size = (64, 4, 16) if quick else (224, 8, 32)
     with tempfile.TemporaryDirectory(prefix="hlss-bench-extract-") as workdir:
-        with initialize_config_module("hlss.conf", version_base="1.3"):
-            cfg = compose(
-                "train",
-                overrides=[
-                    f"paths.root={workdir}",
-                    f"paths.output_dir={workdir}/run",
-                    *(overrides or []),
-                ],
-            )
-        model = build_model(cfg).eval()
+        model = build_model(train_config(workdir, overrides)).eval()
         root = generate_opensrh(
             os.path.join(workdir, "synth"),
             seed=0,
@@ -64,40 +49,30 @@ def measure(
         transform = BaseTransform("srh")
         n = len(table.frame)
 
-        # warm-up of both paths (allocations, Lightning's first start)
-        embed_table(
-            model,
-            table,
-            transform,
-            os.path.join(workdir, "warm"),
-            batch_size=batch_size,
-            device=device,
-            progress_bar=False,
-        )
-        start = time.perf_counter()
-        embed_table(
-            model,
-            table,
-            transform,
-            os.path.join(workdir, "emb"),
-            batch_size=batch_size,
-            device=device,
-            progress_bar=False,
-        )
-        extract_s = time.perf_counter() - start
+        def extract(folder: str) -> None:
+            embed_table(
+                model,
+                table,
+                transform,
+                os.path.join(workdir, folder),
+                batch_size=batch_size,
+                device=device,
+                progress_bar=False,
+            )
+
+        extract("warm")  # warm-up (allocations, Lightning's first start)
+        extract_s = timed(lambda: extract("emb"), device)
 
         images = torch.stack([transform(load_patch(p, "srh")) for p in table.frame["path"]])
         model.to(device)
-        with torch.inference_mode():
-            model.embed(images[:batch_size].to(device))
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            start = time.perf_counter()
+
+        def forward_all() -> None:
             for first in range(0, n, batch_size):
                 model.embed(images[first : first + batch_size].to(device))
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            forward_s = time.perf_counter() - start
+
+        with torch.inference_mode():
+            model.embed(images[:batch_size].to(device))  # warm-up
+            forward_s = timed(forward_all, device)
     return {
         "images_per_s": round(n / extract_s, 1),
         "forward_only_images_per_s": round(n / forward_s, 1),
@@ -106,11 +81,7 @@ def measure(
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="a tiny run (seconds)")
-    parser.add_argument("overrides", nargs="*")
-    args = parser.parse_args()
-    print(json.dumps(measure(args.quick, args.overrides), indent=1))
+    stage_main(__doc__, measure)
 
 
 if __name__ == "__main__":

@@ -15,31 +15,14 @@ Usage: python benchmarks/bench_train.py [--quick] [override ...]   (Hydra overri
 
 from __future__ import annotations
 
-import argparse
-import json
 import statistics
 import tempfile
-import time
 
 import torch
-from hydra import compose, initialize_config_module
+from common import paired, stage_main, timed, train_config
 
-from hlss.config import build_model, build_objective, register_resolvers
-from hlss.schemas import register_schemas
+from hlss.config import build_model, build_objective
 from hlss.train.module import hierarchy_ids
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-
-
-def _timed(fn, device: torch.device) -> float:
-    _sync(device)
-    start = time.perf_counter()
-    fn()
-    _sync(device)
-    return time.perf_counter() - start
 
 
 def _batch(shape: tuple[int, int, int, int], size: int, device: torch.device) -> dict:
@@ -60,14 +43,7 @@ def measure(
     """The ``train`` section: ``{"step_s", "backbone_only_step_s", "step_ratio",
     "overhead_fraction"}`` (seconds, and ratios of medians over paired runs)."""
     device = torch.device("cpu") if device is None else device
-    register_resolvers()
-    register_schemas()
-    root = tempfile.mkdtemp(prefix="hlss-bench-train-")
-    with initialize_config_module("hlss.conf", version_base="1.3"):
-        cfg = compose(
-            "train",
-            overrides=[f"paths.root={root}", f"paths.output_dir={root}/run", *(overrides or [])],
-        )
+    cfg = train_config(tempfile.mkdtemp(prefix="hlss-bench-train-"), overrides)
     shape, size, pairs = ((2, 2, 2, 2), 64, 3) if quick else ((4, 2, 2, 2), 160, 5)
     model = build_model(cfg).to(device).train()
     objective = build_objective(cfg).to(device)
@@ -109,28 +85,20 @@ def measure(
 
     full_step()  # warm-up (allocations, lazy initialisation)
     backbone_step()
-    full, backbone, ratios = [], [], []
-    for _ in range(pairs):
-        full.append(_timed(full_step, device))
-        backbone.append(_timed(backbone_step, device))
-        ratios.append(full[-1] / backbone[-1])
+    steps = paired(full_step, backbone_step, repeats=pairs, device=device)
     overhead()
-    fwd_bwd = [_timed(backbone_fwd_bwd, device) for _ in range(max(2, pairs // 2))]
-    extra = [_timed(overhead, device) for _ in range(5 * pairs)]
+    fwd_bwd = [timed(backbone_fwd_bwd, device) for _ in range(max(2, pairs // 2))]
+    extra = [timed(overhead, device) for _ in range(5 * pairs)]
     return {
-        "step_s": round(statistics.median(full), 4),
-        "backbone_only_step_s": round(statistics.median(backbone), 4),
-        "step_ratio": round(statistics.median(ratios), 4),
+        "step_s": round(steps["a_s"], 4),
+        "backbone_only_step_s": round(steps["b_s"], 4),
+        "step_ratio": round(steps["ratio"], 4),
         "overhead_fraction": round(statistics.median(extra) / statistics.median(fwd_bwd), 5),
     }
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="a tiny run (seconds)")
-    parser.add_argument("overrides", nargs="*")
-    args = parser.parse_args()
-    print(json.dumps(measure(args.quick, args.overrides), indent=1))
+    stage_main(__doc__, measure)
 
 
 if __name__ == "__main__":

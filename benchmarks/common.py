@@ -1,4 +1,5 @@
-"""Helpers shared by the benchmarks: machine description, peak memory, paired timings, embeddings.
+"""Helpers shared by the benchmarks: machine description, peak memory, paired timings, embeddings,
+the composed training config and the command line of a stage.
 
 Timings on a shared CPU are noisy (other processes, frequency changes), so a ratio of two
 figures is measured as the median over *paired* runs (A then B, repeated), which cancels most
@@ -7,13 +8,15 @@ drift; the single figures are medians too.
 
 from __future__ import annotations
 
+import argparse
+import json
 import os
 import platform
 import resource
 import statistics
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import numpy as np
 import torch
@@ -100,6 +103,38 @@ def paired(
         "b_s": statistics.median(b_times),
         "ratio": statistics.median(ratios),
     }
+
+
+def train_config(workdir: str, overrides: Sequence[str] | None = None):
+    """The composed ``train`` config (``conf/train.yaml`` with its schema and resolvers), its
+    ``paths.root`` and ``paths.output_dir`` under ``workdir``, then Hydra ``overrides``."""
+    from hydra import compose, initialize_config_module
+
+    from hlss.config import register_resolvers
+    from hlss.schemas import register_schemas
+
+    register_resolvers()
+    register_schemas()
+    with initialize_config_module("hlss.conf", version_base="1.3"):
+        return compose(
+            "train",
+            overrides=[
+                f"paths.root={workdir}",
+                f"paths.output_dir={workdir}/run",
+                *(overrides or []),
+            ],
+        )
+
+
+def stage_main(doc: str, measure: Callable[..., dict]) -> None:
+    """The command line of a ``make bench`` stage run alone: ``[--quick] [override ...]``
+    (Hydra overrides of the training config); prints ``measure(quick, overrides)`` as JSON.
+    ``doc``'s first line is the description ``--help`` shows."""
+    parser = argparse.ArgumentParser(description=doc.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="a tiny run (seconds)")
+    parser.add_argument("overrides", nargs="*")
+    args = parser.parse_args()
+    print(json.dumps(measure(args.quick, args.overrides), indent=1))
 
 
 def random_embeddings(rows: int, dim: int, rng: np.random.Generator) -> np.ndarray:
