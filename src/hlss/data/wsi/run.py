@@ -27,6 +27,7 @@ from hlss.data.wsi.catalog import (
     read_split_file,
     write_outputs,
 )
+from hlss.data.wsi.settings import VAL_FRACTION
 from hlss.data.wsi.slide import BACKENDS
 from hlss.data.wsi.tiler import SlideResult, TileSettings, read_finished, slide_file, tile_slide
 from hlss.errors import ConfigError
@@ -186,7 +187,7 @@ def tile_slides(
     workers: int = 0,
     labels: str | None = None,
     split: str | None = None,
-    val_fraction: float = 0.25,
+    val_fraction: float = VAL_FRACTION,
     split_seed: int = 0,
 ) -> TileRun:
     """Tile the slides named by ``slides`` into ``out`` and write its manifest.
