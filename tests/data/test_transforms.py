@@ -91,3 +91,16 @@ def test_base_transform_is_picklable():
     raw = np.random.default_rng(2).integers(0, 65536, size=(2, 6, 6), dtype=np.uint16)
     torch.testing.assert_close(t(raw), t2(raw))
     assert "srh" in repr(t2)
+
+
+def test_srh_base_equals_the_plain_formula_bit_for_bit():
+    """The single-buffer numpy version gives exactly ``[CH3 - CH2 + offset, CH2, CH3] / 2^16``
+    clamped, computed the plain way in torch, including the extremes of the uint16 range."""
+    rng = np.random.default_rng(1)
+    raw = rng.integers(0, 65536, size=(2, 37, 41), dtype=np.uint16)
+    raw[:, 0, :4] = [[0, 65535, 0, 65535], [0, 0, 65535, 65535]]
+    x = torch.from_numpy(raw.astype(np.float32)) / 65536.0
+    expected = torch.stack((x[1] - x[0] + 5000.0 / 65536.0, x[0], x[1])).clamp_(0.0, 1.0)
+    out = srh_base(raw)
+    assert out.dtype == torch.float32 and out.is_contiguous()
+    assert torch.equal(out, expected)
