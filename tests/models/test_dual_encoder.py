@@ -181,3 +181,51 @@ def test_hidisc_head_is_one_linear_layer_by_default():
     assert widths == [(deep.num_features, 6), (6, 5), (5, 8)]
     assert sum(isinstance(m, nn.ReLU) for m in deep.head) == 2
     assert deep(X)["heads"].shape == (2, 8)
+
+
+def test_orthogonal_head_init_is_the_nearest_orthonormal_matrix():
+    banks = tiny_banks(dim=16, sizes=(5, 4, 3))
+    model = DualEncoder(TinyBackbone(), 16, banks, head_init="orthogonal")
+    for lv in LEVELS:
+        w = model.heads[lv].weight.detach().double()
+        emb = banks[lv].double()
+        torch.testing.assert_close(w @ w.T, torch.eye(w.shape[0], dtype=torch.float64))
+        # nearest in Frobenius norm: no random orthonormal-row matrix comes closer
+        gen = torch.Generator().manual_seed(1)
+        best = (w - emb).norm()
+        for _ in range(50):
+            q, _ = torch.linalg.qr(torch.randn(16, w.shape[0], generator=gen, dtype=torch.float64))
+            assert best <= (q.T - emb).norm() + 1e-9
+        # the alignment losses still see the attribute embeddings themselves
+        assert torch.equal(model.text_embeddings[lv], banks[lv])
+
+
+def test_random_head_init_ignores_the_text():
+    banks = tiny_banks()
+    torch.manual_seed(0)
+    model = DualEncoder(TinyBackbone(), 16, banks, head_init="random")
+    for lv in LEVELS:
+        assert not torch.allclose(model.heads[lv].weight, banks[lv])
+        assert torch.equal(model.text_embeddings[lv], banks[lv])
+
+
+def test_unknown_head_init_is_refused():
+    with pytest.raises(ConfigError, match=r"model\.head_init"):
+        DualEncoder(TinyBackbone(), 16, tiny_banks(), head_init="whitened")
+
+
+def test_mlp_head_per_level():
+    model = DualEncoder(TinyBackbone(), None, None, head="mlp", mlp_dim=8, head_per_level=True)
+    out = model(X)
+    assert set(out["heads"]) == set(LEVELS)
+    assert all(tuple(h.shape) == (2, 8) for h in out["heads"].values())
+    # separate parameters: the levels' heads start (and train) independently
+    weights = [model.heads[lv][0].weight for lv in LEVELS]
+    assert not torch.equal(weights[0], weights[1])
+    assert model.text_embeddings == {}
+    torch.testing.assert_close(model.embed(X, "slide"), out["heads"]["slide"])
+    out["heads"]["patient"].sum().backward()
+    assert model.heads["patient"][0].weight.grad is not None
+    assert model.heads["patch"][0].weight.grad is None
+    with pytest.raises(ConfigError, match="embed source 'head'"):
+        model.embed(X, "head")

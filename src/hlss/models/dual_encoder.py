@@ -32,6 +32,19 @@ from hlss.models.attributes import AttributeBank
 
 HEADS = ("text", "mlp")
 PROJECTIONS = ("auto", "linear", "mlp", "identity")
+HEAD_INITS = ("text", "orthogonal", "random")
+
+
+def orthogonal_rows(emb: torch.Tensor) -> torch.Tensor:
+    """The matrix with orthonormal rows nearest to ``emb`` ``[A, D]`` (Frobenius norm).
+
+    The polar factor ``U V^T`` of ``emb = U S V^T``: row ``j`` stays the direction closest to
+    attribute ``j`` while the rows become mutually orthogonal, so a head built from it starts
+    with full rank ``min(A, D)`` instead of the few directions that sentence embeddings of one
+    bank mostly span.
+    """
+    u, _, vh = torch.linalg.svd(emb.double(), full_matrices=False)
+    return (u @ vh).to(emb.dtype)
 
 
 class DualEncoder(nn.Module):
@@ -53,6 +66,14 @@ class DualEncoder(nn.Module):
         mlp_dim: output width of the ``head="mlp"`` head.
         mlp_hidden: hidden widths of the ``head="mlp"`` head, ReLU between layers; ``()`` (the
             default, HiDisc's published ``mlp_hidden: []``) is one linear layer ``F -> mlp_dim``.
+        head_init: how the ``head="text"`` weights start: ``"text"`` (the paper: row ``j`` is
+            attribute ``j``'s embedding), ``"orthogonal"`` (ours: the nearest matrix with
+            orthonormal rows, :func:`orthogonal_rows`) or ``"random"`` (PyTorch's default
+            initialisation; a control without language). The frozen ``text_<level>`` buffers
+            that the alignment losses use are the attribute embeddings in every case.
+        head_per_level: ``head="mlp"`` only: one head per level (each level's contrastive term
+            on its own head, the HLSS layout without text) instead of HiDisc's one shared head;
+            ``heads`` is then ``{level: [B, mlp_dim]}``.
         center_text: subtract each level's mean attribute embedding (then renormalise) before
             storing the prototypes and initialising the heads. Sentence embeddings of one bank
             share a large common direction (mean pairwise cosine ~0.5 for MiniLM); without
@@ -77,10 +98,16 @@ class DualEncoder(nn.Module):
         mlp_dim: int = 128,
         center_text: bool = False,
         mlp_hidden: Sequence[int] = (),
+        head_init: str = "text",
+        head_per_level: bool = False,
     ):
         super().__init__()
         if head not in HEADS:
             raise ConfigError(f"model.head: {head!r} is not one of {', '.join(HEADS)}")
+        if head_init not in HEAD_INITS:
+            raise ConfigError(
+                f"model.head_init: {head_init!r} is not one of {', '.join(HEAD_INITS)}"
+            )
         if projection not in PROJECTIONS:
             raise ConfigError(
                 f"model.projection: {projection!r} is not one of {', '.join(PROJECTIONS)}"
@@ -103,14 +130,22 @@ class DualEncoder(nn.Module):
             self.projection = None
             self.projection_type = None
             widths = [num_features, *(int(h) for h in mlp_hidden), int(mlp_dim)]
-            layers: list[nn.Module] = []
-            for i in range(len(widths) - 1):
-                if i:
-                    layers.append(nn.ReLU(inplace=True))
-                layers.append(nn.Linear(widths[i], widths[i + 1]))
-            self.head = nn.Sequential(*layers)
-            self.heads = None
+
+            def mlp() -> nn.Sequential:
+                layers: list[nn.Module] = []
+                for i in range(len(widths) - 1):
+                    if i:
+                        layers.append(nn.ReLU(inplace=True))
+                    layers.append(nn.Linear(widths[i], widths[i + 1]))
+                return nn.Sequential(*layers)
+
             self.mlp_dim = int(mlp_dim)
+            if head_per_level:
+                self.head = None
+                self.heads = nn.ModuleDict({lv: mlp() for lv in LEVELS})
+            else:
+                self.head = mlp()
+                self.heads = None
             return
 
         # ---- head == "text"
@@ -176,10 +211,13 @@ class DualEncoder(nn.Module):
                 emb = F.normalize(emb, dim=-1)  # rows must be unit vectors (cosine heads)
             self.register_buffer(f"text_{lv}", emb.clone(), persistent=True)
             lin = nn.Linear(text_dim, emb.shape[0], bias=False)
-            with torch.no_grad():
-                lin.weight.copy_(emb)
+            if head_init != "random":
+                init = orthogonal_rows(emb) if head_init == "orthogonal" else emb
+                with torch.no_grad():
+                    lin.weight.copy_(init)
             self.heads[lv] = lin
         self.head = None
+        self.head_init = head_init
 
     # ------------------------------------------------------------------------------------------
     @property
@@ -206,6 +244,11 @@ class DualEncoder(nn.Module):
         """
         features = self.backbone(x)
         if self.head_type == "mlp":
+            if self.heads is not None:
+                return {
+                    "features": features,
+                    "heads": {lv: head(features) for lv, head in self.heads.items()},
+                }
             return {"features": features, "heads": self.head(features)}
         text_space = self.project(features)
         heads = {lv: self.heads[lv](text_space) for lv in self.levels}
@@ -227,6 +270,11 @@ class DualEncoder(nn.Module):
         if source == "backbone":
             return features
         if self.head_type == "mlp":
+            if self.heads is not None:
+                if source in self.heads:
+                    return self.heads[source](features)
+                options = ", ".join(("backbone", *self.heads))
+                raise ConfigError(f"embed source {source!r}: not one of {options}")
             if source in ("head", "mlp"):
                 return self.head(features)
             raise ConfigError(
@@ -252,6 +300,8 @@ def build_dual_encoder(
     mlp_dim: int = 128,
     center_text: bool = False,
     mlp_hidden: Sequence[int] = (),
+    head_init: str = "text",
+    head_per_level: bool = False,
 ) -> DualEncoder:
     """Load the attribute banks, embed them (cached) and build a :class:`DualEncoder`.
 
@@ -265,7 +315,8 @@ def build_dual_encoder(
         bank_sizes: optional ``{level: size}`` truncations of banks given by name.
         text_cache_dir: text embedding cache folder (``None`` -> ``$HLSS_CACHE/text`` or
             ``~/.cache/hlss/text``).
-        head, projection, proj_hidden, mlp_dim, mlp_hidden: see :class:`DualEncoder`.
+        head, projection, proj_hidden, mlp_dim, mlp_hidden, center_text, head_init,
+            head_per_level: see :class:`DualEncoder`.
 
     With ``projection="auto"``, a backbone and text encoder that both name a joint space
     (``joint_space`` attribute) but different ones get a learned linear projection even when
@@ -278,7 +329,13 @@ def build_dual_encoder(
 
     if head == "mlp":
         model = DualEncoder(
-            backbone, None, None, head="mlp", mlp_dim=mlp_dim, mlp_hidden=mlp_hidden
+            backbone,
+            None,
+            None,
+            head="mlp",
+            mlp_dim=mlp_dim,
+            mlp_hidden=mlp_hidden,
+            head_per_level=head_per_level,
         )
         model.attribute_banks = None
         return model
@@ -312,6 +369,7 @@ def build_dual_encoder(
         proj_hidden=proj_hidden,
         mlp_dim=mlp_dim,
         center_text=center_text,
+        head_init=head_init,
     )
     model.attribute_banks = loaded
     return model
