@@ -229,3 +229,24 @@ def test_mlp_head_per_level():
     assert model.heads["patch"][0].weight.grad is None
     with pytest.raises(ConfigError, match="embed source 'head'"):
         model.embed(X, "head")
+
+
+def test_text_heads_shared_across_levels():
+    banks = tiny_banks(sizes=(5, 4, 3))
+    torch.manual_seed(0)
+    model = DualEncoder(TinyBackbone(), 16, banks, head_per_level=False)
+    assert not model.head_per_level
+    out = model(X)
+    joint = out["heads"]["patch"]
+    assert tuple(joint.shape) == (2, 5 + 4 + 3)
+    assert all(out["heads"][lv] is joint for lv in LEVELS)
+    # the joint embedding is the level heads side by side; embed() of a level is its own slice
+    torch.testing.assert_close(joint[:, 5:9], model.embed(X, "slide"))
+    # one level's contrastive term now trains every level's head
+    out["heads"]["patient"].sum().backward()
+    assert all(model.heads[lv].weight.grad.abs().sum() > 0 for lv in LEVELS)
+
+
+def test_head_layouts_default_to_the_papers():
+    assert DualEncoder(TinyBackbone(), 16, tiny_banks()).head_per_level
+    assert not DualEncoder(TinyBackbone(), None, None, head="mlp").head_per_level

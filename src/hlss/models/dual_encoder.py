@@ -71,9 +71,13 @@ class DualEncoder(nn.Module):
             orthonormal rows, :func:`orthogonal_rows`) or ``"random"`` (PyTorch's default
             initialisation; a control without language). The frozen ``text_<level>`` buffers
             that the alignment losses use are the attribute embeddings in every case.
-        head_per_level: ``head="mlp"`` only: one head per level (each level's contrastive term
-            on its own head, the HLSS layout without text) instead of HiDisc's one shared head;
-            ``heads`` is then ``{level: [B, mlp_dim]}``.
+        head_per_level: whether each level's contrastive term has a head of its own. ``None``
+            (default): the papers' layouts, ``True`` for ``head="text"`` (HLSS) and ``False``
+            for ``head="mlp"`` (HiDisc's one shared head). ``head="mlp"`` with ``True`` builds
+            one MLP per level (the HLSS layout without text); ``head="text"`` with ``False``
+            (ours) gives every level's term the concatenated outputs of all level heads
+            ``[B, sum A_level]``, i.e. one shared head whose rows are the attributes of every
+            level, while :meth:`embed` of a level still returns that level's own outputs.
         center_text: subtract each level's mean attribute embedding (then renormalise) before
             storing the prototypes and initialising the heads. Sentence embeddings of one bank
             share a large common direction (mean pairwise cosine ~0.5 for MiniLM); without
@@ -99,7 +103,7 @@ class DualEncoder(nn.Module):
         center_text: bool = False,
         mlp_hidden: Sequence[int] = (),
         head_init: str = "text",
-        head_per_level: bool = False,
+        head_per_level: bool | None = None,
     ):
         super().__init__()
         if head not in HEADS:
@@ -120,6 +124,7 @@ class DualEncoder(nn.Module):
         self.backbone = backbone
         self.num_features = num_features
         self.head_type = head
+        self.head_per_level = (head == "text") if head_per_level is None else bool(head_per_level)
         self.levels: tuple[str, ...] = ()
         # {level: AttributeBank} the text heads were built from (names and descriptions; plain
         # Python, not part of the state dict), set by build_dual_encoder; None for the MLP head.
@@ -140,7 +145,7 @@ class DualEncoder(nn.Module):
                 return nn.Sequential(*layers)
 
             self.mlp_dim = int(mlp_dim)
-            if head_per_level:
+            if self.head_per_level:
                 self.head = None
                 self.heads = nn.ModuleDict({lv: mlp() for lv in LEVELS})
             else:
@@ -252,6 +257,9 @@ class DualEncoder(nn.Module):
             return {"features": features, "heads": self.head(features)}
         text_space = self.project(features)
         heads = {lv: self.heads[lv](text_space) for lv in self.levels}
+        if not self.head_per_level:
+            joint = torch.cat([heads[lv] for lv in self.levels], dim=1)
+            heads = dict.fromkeys(self.levels, joint)
         return {"features": features, "text_space": text_space, "heads": heads}
 
     @torch.no_grad()
@@ -301,7 +309,7 @@ def build_dual_encoder(
     center_text: bool = False,
     mlp_hidden: Sequence[int] = (),
     head_init: str = "text",
-    head_per_level: bool = False,
+    head_per_level: bool | None = None,
 ) -> DualEncoder:
     """Load the attribute banks, embed them (cached) and build a :class:`DualEncoder`.
 
@@ -370,6 +378,7 @@ def build_dual_encoder(
         mlp_dim=mlp_dim,
         center_text=center_text,
         head_init=head_init,
+        head_per_level=head_per_level,
     )
     model.attribute_banks = loaded
     return model
