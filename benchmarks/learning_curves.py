@@ -8,6 +8,11 @@ patch / slide / patient kNN accuracy, and the mean patient-level bootstrap inter
 
     python benchmarks/learning_curves.py --out outputs/curves            # 4 losses x 3 seeds
     python benchmarks/learning_curves.py --losses hidisc,attr3levels --seeds 0 --steps 100
+    python benchmarks/learning_curves.py --losses hidisc \
+        --variant hlss_orth "loss=attr3levels model.head_init=orthogonal"
+
+``--variant LABEL OVERRIDES`` adds a curve named ``LABEL`` trained with the given
+``hlss-train`` overrides (space-separated, one string), beside the plain ``--losses``.
 
 Every step is the real console command, so a run can be repeated by hand (commands are printed
 to stderr). Runs that already finished under ``--out`` are reused.
@@ -57,9 +62,11 @@ def _dataset(out: str, args) -> str:
     return data
 
 
-def _train_and_eval(out: str, data: str, loss: str, seed: int, args) -> str:
-    """The ``metrics.csv`` of one (loss, seed): every checkpoint's kNN accuracy."""
-    name = f"{loss}-seed{seed}"
+def _train_and_eval(
+    out: str, data: str, label: str, overrides: list[str], seed: int, args, first: bool
+) -> str:
+    """The ``metrics.csv`` of one (curve, seed): every checkpoint's kNN accuracy."""
+    name = f"{label}-seed{seed}"
     evaluation = os.path.join(out, "eval", name)
     table = os.path.join(evaluation, "metrics.csv")
     if os.path.isfile(table):
@@ -73,7 +80,7 @@ def _train_and_eval(out: str, data: str, loss: str, seed: int, args) -> str:
                 "experiment=demo_cpu",
                 "dataset=opensrh",
                 f"dataset.root={data}",
-                f"loss={loss}",
+                *overrides,
                 f"seed={seed}",
                 f"trainer.max_steps={args.steps}",
                 f"checkpoint.every_n_steps={args.every}",
@@ -98,7 +105,7 @@ def _train_and_eval(out: str, data: str, loss: str, seed: int, args) -> str:
         ],
         os.path.join(out, f"eval-{name}.log"),
     )
-    if loss == args.losses[0]:  # the untrained backbone of this seed, once
+    if first:  # the untrained backbone of this seed, once
         _run(
             [
                 _bin("hlss-eval"),
@@ -153,8 +160,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--size", type=int, default=64)
     parser.add_argument("--train", nargs="*", default=[], help="extra hlss-train overrides")
     parser.add_argument("--synth", nargs="*", default=[], help="extra hlss-synth overrides")
+    parser.add_argument(
+        "--variant",
+        nargs=2,
+        action="append",
+        default=[],
+        metavar=("LABEL", "OVERRIDES"),
+        help="an extra curve: its label and its hlss-train overrides in one string",
+    )
     args = parser.parse_args(argv)
     args.losses = [s for s in args.losses.split(",") if s]
+    curves = [(loss, [f"loss={loss}"]) for loss in args.losses]
+    curves += [(label, overrides.split()) for label, overrides in args.variant]
+    if not curves:
+        parser.error("nothing to train: give --losses or --variant")
     seeds = [int(s) for s in args.seeds.split(",") if s]
     out = os.path.abspath(args.out)
     os.makedirs(out, exist_ok=True)
@@ -164,11 +183,11 @@ def main(argv: list[str] | None = None) -> int:
     import pandas as pd
 
     frames: dict = {"untrained": []}
-    for loss in args.losses:
-        frames[loss] = []
+    for i, (label, overrides) in enumerate(curves):
+        frames[label] = []
         for seed in seeds:
-            table = _train_and_eval(out, data, loss, seed, args)
-            frames[loss].append(pd.read_csv(table))
+            table = _train_and_eval(out, data, label, overrides, seed, args, first=i == 0)
+            frames[label].append(pd.read_csv(table))
     for seed in seeds:
         table = os.path.join(out, "eval", f"untrained-seed{seed}", "metrics.csv")
         frames["untrained"].append(pd.read_csv(table))
@@ -189,7 +208,7 @@ def main(argv: list[str] | None = None) -> int:
         "steps": args.steps,
         "every": args.every,
         "seeds": seeds,
-        "losses": args.losses,
+        "curves": {label: overrides for label, overrides in curves},
         "wall_s": round(time.perf_counter() - start, 1),
         "final": {m: per_step[max(per_step)] for m, per_step in summary.items()},
         "out": out,
