@@ -119,6 +119,24 @@ def test_result_does_not_depend_on_the_number_of_threads():
     assert torch.equal(results[0], results[1]) and torch.equal(results[0], results[2])
 
 
+def test_image_threads_start_once_and_copies_start_their_own():
+    import copy
+    import pickle
+
+    aug = _hidisc(threads=2)
+    x = torch.rand(16, 3, 24, 24)
+    torch.manual_seed(0)
+    first = aug(x).clone()
+    pool = aug._threads._pool
+    assert pool is not None
+    aug(x)
+    assert aug._threads._pool is pool  # the same threads serve every batch
+    for clone in (copy.deepcopy(aug), pickle.loads(pickle.dumps(aug))):
+        assert clone._threads._pool is None
+        torch.manual_seed(0)
+        assert torch.equal(clone(x), first)
+
+
 def test_the_intra_op_thread_count_is_left_as_it_was():
     before = torch.get_num_threads()
     try:

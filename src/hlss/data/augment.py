@@ -655,6 +655,26 @@ class _OutputBuffers:
         return {"keep": self.keep, "_held": []}
 
 
+class _ImageThreads:
+    """The Python threads the CPU path shares images out to: started on first use and kept for
+    the augmenter's life (not per batch); never pickled or copied (a copy starts its own)."""
+
+    def __init__(self) -> None:
+        self._pool: ThreadPoolExecutor | None = None
+        self._size = 0
+
+    def pool(self, workers: int) -> ThreadPoolExecutor:
+        if self._pool is None or self._size < workers:
+            if self._pool is not None:
+                self._pool.shutdown(wait=True)
+            self._pool = ThreadPoolExecutor(workers, thread_name_prefix="hlss-augment")
+            self._size = workers
+        return self._pool
+
+    def __getstate__(self) -> dict:
+        return {"_pool": None, "_size": 0}
+
+
 class BatchAugment(nn.Module):
     """Random strong augmentation of image batches: kornia ops, per-image decisions and parameters.
 
@@ -721,6 +741,7 @@ class BatchAugment(nn.Module):
         self.threads = threads
         self._rng_device = torch.device("cpu")
         self._outputs = _OutputBuffers()
+        self._threads = _ImageThreads()
 
     @property
     def op_names(self) -> list[str]:
@@ -830,17 +851,19 @@ class BatchAugment(nn.Module):
         wanted = threads if self.threads is None else self.threads
         workers = max(1, min(wanted, n // _MIN_IMAGES_PER_THREAD))
         bounds = [n * k // workers for k in range(workers + 1)]
-        torch.set_num_threads(1)
+        if threads != 1:
+            torch.set_num_threads(1)
         try:
             if workers == 1:
                 run(0, n)
             else:
-                with ThreadPoolExecutor(workers, thread_name_prefix="hlss-augment") as pool:
-                    jobs = [pool.submit(run, a, b) for a, b in itertools.pairwise(bounds)]
-                    for job in jobs:
-                        job.result()
+                pool = self._threads.pool(workers)
+                jobs = [pool.submit(run, a, b) for a, b in itertools.pairwise(bounds)]
+                for job in jobs:
+                    job.result()
         finally:
-            torch.set_num_threads(threads)
+            if threads != 1:
+                torch.set_num_threads(threads)
         return out
 
     @staticmethod
