@@ -103,9 +103,10 @@ def test_every_option_composes_and_builds(group, option, tmp_path):
         else:
             assert set(model.attribute_banks) == set(LEVELS)
             sizes = {lv: len(b) for lv, b in model.attribute_banks.items()}
-            if not node.head_per_level:  # one joint head: every level sees all attributes
-                sizes = dict.fromkeys(sizes, sum(sizes.values()))
-            assert {lv: h.shape[1] for lv, h in out["heads"].items()} == sizes
+            if node.head_per_level:
+                assert {lv: h.shape[1] for lv, h in out["heads"].items()} == sizes
+            else:  # one joint head shared by the levels: all attributes side by side
+                assert out["heads"].shape == (2, sum(sizes.values()))
     elif group in ("loss", "loss_levels"):
         objective = build_objective(cfg)
         assert objective.name == cfg.loss.name

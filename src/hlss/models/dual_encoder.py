@@ -75,9 +75,10 @@ class DualEncoder(nn.Module):
             (default): the papers' layouts, ``True`` for ``head="text"`` (HLSS) and ``False``
             for ``head="mlp"`` (HiDisc's one shared head). ``head="mlp"`` with ``True`` builds
             one MLP per level (the HLSS layout without text); ``head="text"`` with ``False``
-            (ours) gives every level's term the concatenated outputs of all level heads
-            ``[B, sum A_level]``, i.e. one shared head whose rows are the attributes of every
-            level, while :meth:`embed` of a level still returns that level's own outputs.
+            (ours) gives every level's term the concatenated outputs of all level heads: one
+            tensor ``[B, sum A_level]`` in ``forward``'s ``heads`` (the form a shared head takes
+            everywhere), i.e. one head whose rows are the attributes of every level, while
+            :meth:`embed` of a level still returns that level's own outputs.
         center_text: subtract each level's mean attribute embedding (then renormalise) before
             storing the prototypes and initialising the heads. Sentence embeddings of one bank
             share a large common direction (mean pairwise cosine ~0.5 for MiniLM); without
@@ -244,8 +245,10 @@ class DualEncoder(nn.Module):
     def forward(self, x: torch.Tensor) -> dict:
         """``x`` [B, 3, H, W] -> ``{"features": [B, F], "text_space": [B, D], "heads": {...}}``.
 
-        ``heads`` is ``{level: [B, A_level]}`` for ``head="text"``; for ``head="mlp"`` it is one
-        tensor ``[B, mlp_dim]`` and ``text_space`` is absent.
+        ``heads`` is ``{level: [B, A_level]}`` for ``head="text"`` (one tensor
+        ``[B, sum A_level]`` with ``head_per_level=False``); for ``head="mlp"`` it is one tensor
+        ``[B, mlp_dim]`` (``{level: [B, mlp_dim]}`` with ``head_per_level=True``) and
+        ``text_space`` is absent.
         """
         features = self.backbone(x)
         if self.head_type == "mlp":
@@ -257,9 +260,12 @@ class DualEncoder(nn.Module):
             return {"features": features, "heads": self.head(features)}
         text_space = self.project(features)
         heads = {lv: self.heads[lv](text_space) for lv in self.levels}
-        if not self.head_per_level:
-            joint = torch.cat([heads[lv] for lv in self.levels], dim=1)
-            heads = dict.fromkeys(self.levels, joint)
+        if not self.head_per_level:  # one tensor: the levels share it, as HiDisc's one head
+            return {
+                "features": features,
+                "text_space": text_space,
+                "heads": torch.cat([heads[lv] for lv in self.levels], dim=1),
+            }
         return {"features": features, "text_space": text_space, "heads": heads}
 
     @torch.no_grad()
