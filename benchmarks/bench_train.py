@@ -56,11 +56,10 @@ def measure(
 
     def objective_of(features: torch.Tensor) -> torch.Tensor:
         """Everything after the backbone: projection, heads, the objective."""
-        if model.head_type == "mlp":
-            return objective(model.head(features), ids)["loss"]
-        text_space = model.project(features)
-        heads = {level: model.heads[level](text_space) for level in model.levels}
-        return objective(heads, ids, text_embeddings=text, text_space=text_space)["loss"]
+        out = model.outputs(features)
+        return objective(out["heads"], ids, text_embeddings=text, text_space=out.get("text_space"))[
+            "loss"
+        ]
 
     def full_step() -> None:
         optimizer.zero_grad(set_to_none=True)

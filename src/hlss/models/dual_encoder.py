@@ -250,22 +250,19 @@ class DualEncoder(nn.Module):
         ``[B, mlp_dim]`` (``{level: [B, mlp_dim]}`` with ``head_per_level=True``) and
         ``text_space`` is absent.
         """
-        features = self.backbone(x)
+        return self.outputs(self.backbone(x))
+
+    def outputs(self, features: torch.Tensor) -> dict:
+        """Everything after the backbone: ``features`` [B, F] -> :meth:`forward`'s dict."""
         if self.head_type == "mlp":
             if self.heads is not None:
-                return {
-                    "features": features,
-                    "heads": {lv: head(features) for lv, head in self.heads.items()},
-                }
+                heads = {lv: head(features) for lv, head in self.heads.items()}
+                return {"features": features, "heads": heads}
             return {"features": features, "heads": self.head(features)}
         text_space = self.project(features)
         heads = {lv: self.heads[lv](text_space) for lv in self.levels}
         if not self.head_per_level:  # one tensor: the levels share it, as HiDisc's one head
-            return {
-                "features": features,
-                "text_space": text_space,
-                "heads": torch.cat([heads[lv] for lv in self.levels], dim=1),
-            }
+            heads = torch.cat([heads[lv] for lv in self.levels], dim=1)
         return {"features": features, "text_space": text_space, "heads": heads}
 
     @torch.no_grad()
