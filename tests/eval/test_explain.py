@@ -10,6 +10,7 @@ import torch
 from hlss.errors import HLSSError
 from hlss.eval.explain import (
     COLUMNS,
+    READOUTS,
     contradictions,
     explain_levels,
     explanation_quality,
@@ -279,3 +280,182 @@ def test_explanation_quality_summarises_each_level():
     assert quality["slide"]["contradiction_rate"] == 1.0
     assert quality["slide"]["trust_low"] == 1.0
     assert quality["patch"]["contradiction_rate"] == 0.0
+
+
+# ---------------------------------------------------------------------------------------------
+# readouts
+
+
+def _unit(x):
+    return x / np.linalg.norm(x, axis=-1, keepdims=True)
+
+
+def _centered_reference(emb, bank, reference=None):
+    """The centered readout written out directly: cosine of (e - mean e) and (t - mean t)."""
+    ref = _unit(emb if reference is None else reference)
+    u = _unit(_unit(emb) - ref.mean(0))
+    t = _unit(bank)
+    w = _unit(t - t.mean(0))
+    return u @ w.T
+
+
+def _zscore_reference(emb, bank, reference=None):
+    """Each attribute's cosine standardised over the evaluated set (population SD)."""
+    ref = _unit(emb if reference is None else reference)
+    t = _unit(bank)
+    over_set = ref @ t.T
+    return (_unit(emb) @ t.T - over_set.mean(0)) / over_set.std(0)
+
+
+def _z_of(sims):
+    return (sims.max(1) - sims.mean(1)) / sims.std(1)
+
+
+@pytest.mark.parametrize(
+    ("readout", "formula"), [("centered", _centered_reference), ("zscore", _zscore_reference)]
+)
+def test_readouts_against_their_formulas(readout, formula):
+    rng = np.random.default_rng(1)
+    emb, bank = rng.normal(size=(11, 6)), rng.normal(size=(9, 6))
+    names = [str(i) for i in range(9)]
+    sims = formula(emb, bank)
+    idx, scores, z = top_attributes(
+        emb, 4 * bank, names, k=9, chunk_size=4, return_z=True, readout=readout
+    )
+    assert idx.tolist() == np.argsort(-sims, axis=1, kind="stable").tolist()
+    np.testing.assert_allclose(scores, -np.sort(-sims, axis=1), rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(z, _z_of(sims), rtol=1e-4)
+    # an explicit reference set: its mean (and spread) is removed, not the explained rows'
+    reference = rng.normal(size=(30, 6)) + 2.0
+    sims = formula(emb[:3], bank, reference)
+    _, scores, z = top_attributes(
+        emb[:3], bank, names, k=9, return_z=True, readout=readout, reference=reference
+    )
+    np.testing.assert_allclose(scores, -np.sort(-sims, axis=1), rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(z, _z_of(sims), rtol=1e-4)
+
+
+def test_raw_readout_is_the_plain_cosine():
+    rng = np.random.default_rng(2)
+    emb, bank = rng.normal(size=(5, 4)), rng.normal(size=(6, 4))
+    names = list("abcdef")
+    plain = top_attributes(emb, bank, names, k=3, return_z=True)
+    raw = top_attributes(emb, bank, names, k=3, return_z=True, readout="raw")
+    for a, b in zip(plain, raw, strict=True):
+        np.testing.assert_array_equal(a, b)
+    np.testing.assert_allclose(raw[1][:, 0], (_unit(emb) @ _unit(bank).T).max(1), rtol=1e-5)
+
+
+def _shared_component_case():
+    """A bank whose attributes share a big common direction ``g``; attribute 0 ("cohesive") also
+    leans on the image set's common direction ``h``, and attribute 1 ("discohesive") is its
+    exclusive alternative. Entity ``j`` carries ``h`` (every entity does), its planted
+    attribute ``p = 1 + j % 7``, a weaker second one ``q = 2 + p % 6`` and a little noise."""
+    rng = np.random.default_rng(3)
+    d, a = 16, 8
+    eye = np.eye(d)
+    g, h = eye[8], eye[9]
+    bank = np.stack([4 * g + eye[i] + (2.0 * h if i == 0 else 0) for i in range(a)])
+    planted = 1 + np.arange(21) % 7
+    second = 2 + planted % 6
+    emb = np.stack(
+        [3 * h + 0.6 * eye[p] + 0.3 * eye[q] for p, q in zip(planted, second, strict=True)]
+    )
+    emb = emb + 0.02 * rng.normal(size=(21, d))
+    names = ["cohesive", "discohesive"] + [f"a{i}" for i in range(2, a)]
+    groups = ["cohesion", "cohesion"] + [None] * (a - 2)
+    return emb, bank, names, groups, planted, second
+
+
+def test_centered_readout_removes_a_shared_component():
+    emb, bank, names, groups, planted, second = _shared_component_case()
+    idx_raw, _, z_raw = top_attributes(emb, bank, names, k=2, return_z=True)
+    idx_c, _, z_c = top_attributes(emb, bank, names, k=2, return_z=True, readout="centered")
+    # raw: the shared direction wins -- every entity gets attribute 0 first, whatever it carries
+    assert (idx_raw[:, 0] == 0).all()
+    assert contradictions(idx_raw, groups)[planted == 1].all()  # "cohesive" next to "discohesive"
+    # centered: every entity's planted attributes come first, and stand out further
+    assert idx_c[:, 0].tolist() == planted.tolist() and idx_c[:, 1].tolist() == second.tolist()
+    assert not contradictions(idx_c, groups).any()
+    # top_z alone cannot tell: one attribute standing out alone (the shared direction) gives raw
+    # the largest z there is, sqrt(A - 1), although the ranking says nothing about the entity
+    np.testing.assert_allclose(z_raw, np.sqrt(len(names) - 1), rtol=0.02)
+    assert (z_c < z_raw).all()
+    # explanation_quality shows the difference too: raw gives one top attribute to the whole set
+    index = pd.DataFrame(
+        {
+            "patient": [f"P{j}" for j in range(21)],
+            "slide": ["1"] * 21,
+            "path": [f"p{j}.tif" for j in range(21)],
+        }
+    )
+    bank_obj = AttributeBank("patch", names, [["x"]] * len(names), groups=groups)
+    text = {"patch": torch.from_numpy(bank).float()}
+    raw = explanation_quality(explain_levels(emb, index, text, {"patch": bank_obj}, k=2))
+    centered = explanation_quality(
+        explain_levels(emb, index, text, {"patch": bank_obj}, k=2, readout="centered")
+    )
+    assert raw["patch"]["top1_share"] == 1.0
+    assert centered["patch"]["top1_share"] == pytest.approx(3 / 21)
+    assert centered["patch"]["contradiction_rate"] < raw["patch"]["contradiction_rate"]
+
+
+def test_explain_levels_centres_each_level_on_its_own_entities():
+    emb, index, text, banks = _hierarchy()
+    emb = emb + np.array([0.3, 0.1, 0.2], np.float32)  # keep the patient means apart from 0
+    emb = np.concatenate([emb, emb[:2] * [[1, 2, 1]]])  # two more patches for patient P2
+    index = pd.concat([index, index.iloc[4:6]], ignore_index=True)
+    index.loc[6:, "path"] = ["studies/p6.tif", "studies/p7.tif"]
+    df = explain_levels(emb, index, text, banks, k=4, patches=3, readout="centered")
+    # patch level: centred on every patch, also those not shown (patches=3)
+    patch = df[df["level"] == "patch"]
+    ref = _centered_reference(emb[:3], text["patch"].numpy(), reference=emb)
+    assert len(patch) == 3 * 3
+    np.testing.assert_allclose(
+        patch["score"].to_numpy().reshape(3, 3), -np.sort(-ref, axis=1), atol=1e-5
+    )
+    # slide level: centred on the slide means (P1/1, P1/2, P2/1)
+    slides = [_unit(emb[rows].astype(np.float64)).sum(0) for rows in ([0, 1, 2], [3], [4, 5, 6, 7])]
+    ref = _centered_reference(np.stack(slides), text["slide"].numpy())
+    got = df[df["level"] == "slide"]
+    np.testing.assert_allclose(
+        got["score"].to_numpy().reshape(3, 4), -np.sort(-ref, axis=1), atol=1e-5
+    )
+    names = np.array(banks["slide"].names)[np.argsort(-ref, axis=1, kind="stable")]
+    assert got["attribute"].tolist() == names.reshape(-1).tolist()
+    # a lone entity has nothing that distinguishes it: all scores 0, z 0, trust low
+    lone = explain_levels(emb, index.assign(patient="P1"), text, banks, k=2, readout="centered")
+    patient = lone[lone["level"] == "patient"]
+    assert (patient["score"] == 0).all() and (patient["top_z"] == 0).all()
+    assert (patient["trust"] == "low").all()
+
+
+def test_unknown_readout_is_refused_naming_the_key():
+    emb, index, text, banks = _hierarchy()
+    with pytest.raises(HLSSError, match=r"^explain.readout: unknown readout 'mean'"):
+        explain_levels(emb, index, text, banks, readout="mean")
+    with pytest.raises(HLSSError, match=r"explain\.readout"):
+        top_attributes(emb, text["patch"], ["a", "b", "c"], readout="Centered")
+
+
+def test_readout_config_key(capsys):
+    """``explain.readout`` is typed: Hydra refuses an unknown value when it composes (one line
+    naming the key, exit status 2), and the default is the readout the docstring recommends."""
+    import sys
+
+    from hlss.cli import eval as eval_cli
+    from hlss.schemas.eval import ExplainConfig, Readout
+
+    assert [r.value for r in Readout] == list(READOUTS)
+    assert ExplainConfig().readout is Readout.centered
+    argv = sys.argv
+    sys.argv = ["hlss-eval", "ckpt=/no/such/run", "explain.readout=bogus"]
+    try:
+        with pytest.raises(SystemExit) as exc:
+            eval_cli.main()
+    finally:
+        sys.argv = argv
+    assert exc.value.code == 2
+    err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert len(err) == 1 and err[0].startswith("error: explain.readout")
+    assert "bogus" in err[0] and "centered" in err[0]

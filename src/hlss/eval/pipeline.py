@@ -157,6 +157,7 @@ def language_outputs(cfg, run_cfg, ckpt, table, transform, out, info) -> dict:
             attribute_banks(run_cfg),
             k=int(cfg.explain.k),
             patches=cfg.explain.patches,
+            readout=cfg.explain.readout,
         )
         path = os.path.join(out, "attributes.csv")
         write_explanations(df, path)

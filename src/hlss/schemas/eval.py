@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from enum import Enum
 from typing import Any
 
 from omegaconf import MISSING
@@ -36,11 +37,21 @@ class ZeroShotConfig:
     temperature: float = 0.01
 
 
+class Readout(Enum):
+    """``explain.readout``: how attribute scores are read out (:mod:`hlss.eval.explain`); Hydra
+    refuses any other value when it composes, naming the key."""
+
+    raw = "raw"
+    centered = "centered"
+    zscore = "zscore"
+
+
 @dataclass
 class ExplainConfig:
     enabled: bool = True
     k: int = 5
     patches: int | None = 200
+    readout: Readout = Readout.centered
 
 
 @dataclass
