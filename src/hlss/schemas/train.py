@@ -24,6 +24,7 @@ class TrainConfig:
     seed: int = 0
     resume: str | None = None
     gather: bool = True
+    channels_last: Any = "auto"
     paths: PathsConfig = field(default_factory=PathsConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     dataset: Any = None
