@@ -278,3 +278,90 @@ def test_sampler_resume_applies_to_its_epoch_only():
     assert list(sampler) == epoch1
     with pytest.raises(ConfigError):
         sampler.resume(epoch=0, items=-1)
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_collate_patients_equals_plain_collate_with_views_sharing_memory(table, workers):
+    from torch.utils.data import default_collate
+
+    from hlss.data.datamodule import ResumableLoader
+    from hlss.data.hierarchy import collate_patients, expand_views, shares_views
+
+    ds = HierarchicalDataset(table, slides_per_patient=2, patches_per_slide=2, views=3)
+    keys = list(HierarchicalSampler(ds.labels, seed=3))[:2]
+    items = [ds[key] for key in keys]
+    compact = collate_patients(items)
+    assert compact["image"].shape == (2, 2, 2, 1, 2, SIZE, SIZE)
+    assert int(compact["views"]) == 3
+    plain = default_collate(items)
+    batch = expand_views(compact)
+    assert set(batch) == set(plain)
+    for key in plain:
+        assert torch.equal(batch[key], plain[key]), key
+    assert shares_views(batch["image"]) and not shares_views(plain["image"])
+
+    loader = ResumableLoader(
+        ds,
+        batch_size=2,
+        sampler=HierarchicalSampler(ds.labels, seed=3),
+        num_workers=workers,
+        drop_last=True,
+    )
+    first = next(iter(loader))
+    assert "views" not in first and shares_views(first["image"])
+    assert torch.equal(first["image"], plain["image"])
+
+
+def test_collate_patients_leaves_other_items_to_the_default():
+    from hlss.data.hierarchy import collate_patients, expand_views
+
+    out = collate_patients([torch.tensor(1), torch.tensor(2)])
+    assert torch.equal(out, torch.tensor([1, 2]))
+    assert expand_views(out) is out
+    flat = collate_patients([{"image": torch.zeros(3, 4)}, {"image": torch.ones(3, 4)}])
+    assert flat["image"].shape == (2, 3, 4) and "views" not in flat
+
+
+def test_datamodule_moves_one_copy_of_each_patch_and_expands_on_the_device(monkeypatch):
+    from hlss.data.datamodule import HierarchicalDataModule
+    from hlss.data.hierarchy import expand_views
+
+    base = torch.rand(2, 2, 2, 1, 3, 4, 4)
+    batch = expand_views({"image": base, "patient": torch.arange(2), "views": torch.tensor(2)})
+    moved = []
+
+    dm = HierarchicalDataModule(table=lambda: None)
+    original = torch.Tensor.to
+
+    def spy(self, *args, **kwargs):
+        moved.append(tuple(self.shape))
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.Tensor, "to", spy)
+    out = dm.transfer_batch_to_device(batch, torch.device("cpu"), 0)
+    monkeypatch.undo()
+    assert (2, 2, 2, 1, 3, 4, 4) in moved and (2, 2, 2, 2, 3, 4, 4) not in moved
+    assert out["image"].shape == (2, 2, 2, 2, 3, 4, 4)
+    assert torch.equal(out["image"], base.expand(2, 2, 2, 2, 3, 4, 4))
+    assert torch.equal(out["patient"], torch.arange(2))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_pinned_loader_batch_reaches_the_gpu_with_its_views(table):
+    from torch.utils.data import default_collate
+
+    from hlss.data.datamodule import HierarchicalDataModule, ResumableLoader
+
+    ds = HierarchicalDataset(table, slides_per_patient=2, patches_per_slide=2, views=2)
+    sampler = HierarchicalSampler(ds.labels, seed=3)
+    keys = list(sampler)[:2]
+    loader = ResumableLoader(
+        ds, batch_size=2, sampler=sampler, num_workers=2, pin_memory=True, drop_last=True
+    )
+    batch = next(iter(loader))
+    assert batch["image"].is_pinned()
+    moved = HierarchicalDataModule(table=lambda: None).transfer_batch_to_device(
+        batch, torch.device("cuda"), 0
+    )
+    plain = default_collate([ds[key] for key in keys])
+    assert moved["image"].is_cuda and torch.equal(moved["image"].cpu(), plain["image"])

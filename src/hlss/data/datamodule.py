@@ -16,7 +16,13 @@ from lightning.fabric.utilities.seed import pl_worker_init_function
 from torch.utils.data import DataLoader
 
 from hlss.data.batch import check_batch
-from hlss.data.hierarchy import HierarchicalDataset, HierarchicalSampler
+from hlss.data.hierarchy import (
+    HierarchicalDataset,
+    HierarchicalSampler,
+    collate_patients,
+    expand_views,
+    shares_views,
+)
 from hlss.data.table import PatchTable
 from hlss.errors import ConfigError, DataError
 
@@ -45,7 +51,11 @@ class ResumableLoader(DataLoader):
     The position counts the batches handed to the training loop, not those the workers
     prefetched; it is kept in items (``batches x batch_size``), so it survives a change of
     ``batch_size``. Iteration starts lazily, after Lightning has set the sampler's epoch.
-    Workers run :func:`loader_worker_init` unless another ``worker_init_fn`` is given.
+    Workers run :func:`loader_worker_init` unless another ``worker_init_fn`` is given, and
+    batches are made by :func:`hlss.data.hierarchy.collate_patients` unless another
+    ``collate_fn`` is given: workers and the pinning thread handle one copy of each patch, and
+    the batch handed out is :func:`hlss.data.hierarchy.expand_views` of it (``[P, S, N, T, C, H,
+    W]`` whose views share memory).
 
     Raises:
         ConfigError: the sampler is not a :class:`HierarchicalSampler`, or no ``batch_size``.
@@ -53,6 +63,7 @@ class ResumableLoader(DataLoader):
 
     def __init__(self, dataset, **kwargs):
         kwargs.setdefault("worker_init_fn", loader_worker_init)
+        kwargs.setdefault("collate_fn", collate_patients)
         super().__init__(dataset, **kwargs)
         if not isinstance(self.sampler, HierarchicalSampler) or self.batch_size is None:
             raise ConfigError("ResumableLoader needs a HierarchicalSampler and a batch_size")
@@ -62,7 +73,7 @@ class ResumableLoader(DataLoader):
         self._epoch, self._items = self.sampler.epoch, self.sampler.start_item()
         for batch in super().__iter__():
             self._items += self.batch_size
-            yield batch
+            yield expand_views(batch)
 
     def state_dict(self) -> dict[str, int]:
         """``{"epoch", "items"}``: the epoch and the items of it (this rank) already trained on."""
@@ -161,6 +172,19 @@ class HierarchicalDataModule(L.LightningDataModule):
             drop_last=self.drop_last,
             persistent_workers=self.num_workers > 0,
         )
+
+    def transfer_batch_to_device(self, batch, device: torch.device, dataloader_idx: int):
+        """Move a batch to ``device``; an image whose views share memory
+        (:func:`hlss.data.hierarchy.shares_views`) travels as one copy per patch and is expanded
+        to its ``T`` views on the device (a plain ``.to`` would copy all ``T``)."""
+        image = batch.get("image") if isinstance(batch, dict) else None
+        if image is None or not shares_views(image):
+            return super().transfer_batch_to_device(batch, device, dataloader_idx)
+        rest = super().transfer_batch_to_device(
+            {k: v for k, v in batch.items() if k != "image"}, device, dataloader_idx
+        )
+        one = image[:, :, :, :1].to(device, non_blocking=True)
+        return {**rest, "image": one.expand(image.shape)}
 
     def on_after_batch_transfer(self, batch: dict, dataloader_idx: int) -> dict:
         trainer = getattr(self, "trainer", None)

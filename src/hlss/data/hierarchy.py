@@ -223,6 +223,45 @@ class HierarchicalDataset(Dataset):
         }
 
 
+def collate_patients(items: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """Batch dataset items keeping one copy of each patch: ``image`` ``[P, S, N, 1, C, H, W]``
+    and ``views`` (``T``, a 0-d tensor); :func:`expand_views` turns it into the full batch.
+
+    The ``T`` views of a patch are identical until the batched augmentation, so a loader worker
+    needs to write only ``1/T`` of the bytes into shared memory (pinning, too, copies only that).
+    Other keys, and items that are not such mappings, are collated by
+    :func:`torch.utils.data.default_collate`.
+    """
+    from torch.utils.data import default_collate
+
+    first = items[0] if items else None
+    image = first.get("image") if isinstance(first, dict) else None
+    if not isinstance(image, torch.Tensor) or image.dim() != 6:
+        return default_collate(items)
+    shape = image.shape
+    batch = default_collate([{**item, "image": item["image"][:, :, :1]} for item in items])
+    batch["views"] = torch.tensor(int(shape[2]))
+    return batch
+
+
+def expand_views(batch):
+    """A :func:`collate_patients` batch as the full ``[P, S, N, T, C, H, W]`` batch: ``image``
+    expanded along the views axis (stride 0, no copy; the values of a plain collate), ``views``
+    dropped. Anything else (a batch without ``views``) is returned unchanged."""
+    if not isinstance(batch, dict) or "views" not in batch:
+        return batch
+    out = {k: v for k, v in batch.items() if k != "views"}
+    image = batch["image"]
+    out["image"] = image.expand(*image.shape[:3], int(batch["views"]), *image.shape[4:])
+    return out
+
+
+def shares_views(image: torch.Tensor) -> bool:
+    """Whether a batch image ``[P, S, N, T, C, H, W]`` holds one copy of each patch for all
+    ``T`` views (stride 0 along the views axis, as :func:`collate_patients` makes it)."""
+    return image.dim() == 7 and image.shape[3] > 1 and image.stride(3) == 0
+
+
 def _to_float_tensor(raw: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(raw.astype(np.float32))
 
