@@ -10,11 +10,18 @@ import torch
 from hlss.errors import HLSSError
 from hlss.eval.explain import (
     COLUMNS,
+    NULL_DRAWS,
+    NULL_SEED,
     READOUTS,
+    TRUST_QUANTILES,
+    TrustNull,
+    calibrate_trust,
     contradictions,
     explain_levels,
     explanation_quality,
     format_examples,
+    null_top_z,
+    readout_parts,
     top_attributes,
     trust_labels,
     write_explanations,
@@ -254,9 +261,17 @@ def test_contradictions_need_two_ranked_attributes_of_one_group():
     groups = ["cellularity", "cellularity", "necrosis", None, None]
     idx = np.array([[0, 1, 2], [0, 2, 3], [3, 4, 2], [1, 3, 0]])
     assert contradictions(idx, groups).tolist() == [True, False, False, True]
-    assert trust_labels(np.array([4.0, 4.0, 3.0, 1.0]), np.array([1, 0, 0, 0], bool)).tolist() == [
+    # thresholds are given (explain_levels takes them from the level's null); a contradiction
+    # forces low whatever the z
+    z, contra = np.array([4.0, 4.0, 3.0, 1.0]), np.array([1, 0, 0, 0], bool)
+    assert trust_labels(z, contra, z_medium=2.5, z_high=3.5).tolist() == [
         "low",
         "high",
+        "medium",
+        "low",
+    ]
+    # the thresholds must be exceeded: a z equal to one gets the label below it
+    assert trust_labels(np.array([3.5, 2.5]), np.zeros(2, bool), 2.5, 3.5).tolist() == [
         "medium",
         "low",
     ]
@@ -459,3 +474,142 @@ def test_readout_config_key(capsys):
     err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
     assert len(err) == 1 and err[0].startswith("error: explain.readout")
     assert "bogus" in err[0] and "centered" in err[0]
+
+
+# ---------------------------------------------------------------------------------------------
+# trust calibrated against a null of random directions
+
+
+def _null_reference(w, draws=NULL_DRAWS, seed=NULL_SEED):
+    """The null written out: top_z of isotropic Gaussian directions scored against ``w``."""
+    g = np.random.default_rng(seed).standard_normal((draws, w.shape[1]))
+    return _z_of(g @ w.T)
+
+
+def _bank_w_reference(readout, bank, reference):
+    """The transformed bank of each readout, written out directly."""
+    t = _unit(bank)
+    if readout == "raw":
+        return t
+    if readout == "centered":
+        return _unit(t - t.mean(0))
+    return t / (_unit(reference) @ t.T).std(0)[:, None]
+
+
+@pytest.mark.parametrize("readout", READOUTS)
+def test_null_quantiles_against_numpy(readout):
+    rng = np.random.default_rng(4)
+    bank, reference = rng.normal(size=(9, 6)), rng.normal(size=(25, 6)) + 1.0
+    w = _bank_w_reference(readout, bank, reference)
+    expected = _null_reference(w)
+    q_medium, q_high = np.quantile(expected, [0.95, 0.99])
+    assert TRUST_QUANTILES == {"medium": 0.95, "high": 0.99}
+    bank_w = readout_parts(reference, bank, readout)[0]
+    np.testing.assert_allclose(null_top_z(bank_w), expected, rtol=1e-5)
+    null = calibrate_trust(bank_w)
+    assert len(null.top_z) == NULL_DRAWS and np.all(np.diff(null.top_z) >= 0)
+    assert null.z_medium == pytest.approx(q_medium, rel=1e-5)
+    assert null.z_high == pytest.approx(q_high, rel=1e-5)
+    # top_p: the fraction of null draws at least as large
+    z = np.array([0.0, q_medium, q_high, expected.max() + 1, np.median(expected)])
+    want = [(expected >= v - 1e-9).mean() for v in z]
+    np.testing.assert_allclose(null.p_values(z), want, atol=2 / NULL_DRAWS)
+    # deterministic; another seed gives other draws but nearly the same quantiles
+    assert np.array_equal(calibrate_trust(bank_w).top_z, null.top_z)
+    other = calibrate_trust(bank_w, seed=1)
+    assert not np.array_equal(other.top_z, null.top_z)
+    assert other.z_medium == pytest.approx(null.z_medium, abs=0.15)
+
+
+def test_p_values_count_draws_at_least_as_large():
+    null = TrustNull(top_z=np.array([0.0, 1.0, 2.0, 3.0]), z_medium=2.85, z_high=2.97)
+    assert null.p_values(np.array([1.0, 1.5, 4.0, -1.0, 3.0])).tolist() == [0.75, 0.5, 0, 1, 0.25]
+    with pytest.raises(ValueError, match="draws must be"):
+        null_top_z(np.eye(3), draws=0)
+
+
+def test_explain_levels_reports_the_thresholds_of_each_level():
+    emb, index, text, banks = _hierarchy()
+    df = explain_levels(emb, index, text, banks, k=2, readout="centered")
+    quality = explanation_quality(df)
+    for lv in LEVELS:
+        w = _bank_w_reference("centered", text[lv].numpy(), None)
+        q_medium, q_high = np.quantile(_null_reference(w), [0.95, 0.99])
+        assert quality[lv]["z_medium"] == pytest.approx(q_medium, rel=1e-5)
+        assert quality[lv]["z_high"] == pytest.approx(q_high, rel=1e-5)
+        firsts = df[(df["level"] == lv) & (df["rank"] == 1)]
+        assert quality[lv]["top_p_mean"] == pytest.approx(firsts["top_p"].mean())
+        assert firsts["top_p"].between(0, 1).all()
+        # the labels follow the reported thresholds
+        expected = trust_labels(firsts["top_z"], firsts["contradiction"], q_medium, q_high)
+        assert firsts["trust"].tolist() == expected.tolist()
+    # a table read back without its attrs still summarises, without thresholds
+    bare = pd.DataFrame(df.to_dict("list"))
+    assert "z_high" not in explanation_quality(bare)["patch"]
+    given = explanation_quality(bare, thresholds=df.attrs["trust_thresholds"])
+    for lv in LEVELS:
+        assert given[lv]["z_high"] == quality[lv]["z_high"]
+        assert given[lv]["z_medium"] == quality[lv]["z_medium"]
+    with pytest.raises(ValueError, match="null_draws"):
+        explain_levels(emb, index, text, banks, null_draws=0)
+
+
+def _random_set(n=2000, d=64, a=32, seed=7):
+    """``n`` random patch directions, a random bank of ``a`` attributes without groups."""
+    rng = np.random.default_rng(seed)
+    emb = rng.normal(size=(n, d)).astype(np.float32)
+    bank = rng.normal(size=(a, d)).astype(np.float32)
+    index = pd.DataFrame(
+        {
+            "patient": [f"P{j % 50}" for j in range(n)],
+            "slide": "1",
+            "path": [f"p{j}" for j in range(n)],
+        }
+    )
+    names = [f"a{i}" for i in range(a)]
+    return emb, bank, index, names
+
+
+@pytest.mark.parametrize("readout", READOUTS)
+def test_random_directions_are_rarely_trusted(readout):
+    emb, bank, index, names = _random_set()
+    banks = {"patch": AttributeBank("patch", names, [["x"]] * len(names))}
+    df = explain_levels(emb, index, {"patch": bank}, banks, k=3, readout=readout)
+    firsts = df[df["rank"] == 1]
+    assert not firsts["contradiction"].any()
+    n = len(firsts)
+    trusted = firsts["trust"].isin(["medium", "high"]).mean()
+    high = (firsts["trust"] == "high").mean()
+    # binomial bounds (4 sd), widened for the null's own sampling error (NULL_DRAWS draws)
+    var = 1 / n + 1 / NULL_DRAWS
+    assert abs(trusted - 0.05) <= 4 * np.sqrt(0.05 * 0.95 * var), trusted
+    assert abs(high - 0.01) <= 4 * np.sqrt(0.01 * 0.99 * var), high
+    # under the null the p-values are about uniform
+    assert firsts["top_p"].mean() == pytest.approx(0.5, abs=0.03)
+    assert (firsts["top_p"] <= 0.05).mean() == pytest.approx(trusted, abs=0.01)
+
+
+def test_a_planted_attribute_is_trusted_unless_it_contradicts_itself():
+    emb, bank, index, names = _random_set(n=400)
+    planted = _unit(bank[5]) + _unit(bank[6])  # attributes 5 and 6 together
+    emb = np.concatenate([emb, 0.02 * planted[None], 0.02 * _unit(bank[5])[None]])
+    index = pd.concat(
+        [index, pd.DataFrame({"patient": ["Q", "R"], "slide": "1", "path": ["q", "r"]})],
+        ignore_index=True,
+    )
+    for readout in ("centered", "raw"):
+        free = {"patch": AttributeBank("patch", names, [["x"]] * len(names))}
+        df = explain_levels(emb, index, {"patch": bank}, free, k=2, readout=readout)
+        quality = explanation_quality(df)["patch"]
+        lone, pair = df[(df["path"] == "r") & (df["rank"] == 1)], df[df["path"] == "q"]
+        assert lone["attribute"].item() == "a5" and lone["trust"].item() == "high"
+        assert lone["top_p"].item() < 0.01 and lone["top_z"].item() > quality["z_high"]
+        assert set(pair["attribute"]) == {"a5", "a6"} and (pair["trust"] == "high").all()
+        # declared exclusive, the same two attributes at the top contradict: low, whatever z
+        groups = [None] * 5 + ["g", "g"] + [None] * (len(names) - 7)
+        exclusive = {"patch": AttributeBank("patch", names, [["x"]] * len(names), groups=groups)}
+        df = explain_levels(emb, index, {"patch": bank}, exclusive, k=2, readout=readout)
+        pair = df[df["path"] == "q"]
+        assert pair["contradiction"].all() and (pair["trust"] == "low").all()
+        assert pair["top_z"].iloc[0] > explanation_quality(df)["patch"]["z_high"]
+        assert (df[df["path"] == "r"]["trust"] == "high").all()
