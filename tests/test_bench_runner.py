@@ -12,7 +12,7 @@ import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RUNNER = os.path.join(ROOT, "benchmarks", "bench.py")
-SECTIONS = ["machine", "data", "train", "extract", "knn", "eval_scale"]
+SECTIONS = ["machine", "data", "train", "extract", "knn", "eval_scale", "gpu"]
 KNN_KEYS = {"n_ref", "n_query", "dim", "seconds", "matmul_bound_seconds", "ratio", "backend"}
 EVAL_SCALE_KEYS = {"n_ref", "n_query", "dim", "seconds", "peak_rss_mb"}
 
@@ -38,6 +38,7 @@ def test_quick_run_writes_the_issue_layout(tmp_path):
     report = json.loads(out.read_text())
     assert list(report) == SECTIONS
     assert report["data"] is None and report["train"] is None and report["extract"] is None
+    assert report["gpu"] is None
     assert set(report["knn"]) == KNN_KEYS
     assert set(report["eval_scale"]) == EVAL_SCALE_KEYS
     assert report["knn"]["backend"] in ("torch", "torch_bf16", "faiss", "faiss_gpu")
@@ -83,3 +84,43 @@ def test_table_marks_targets(bench):
     assert lines[("eval_scale", "peak_rss_mb")] == "no"
     assert lines[("knn", "seconds")] == "-"
     assert bench.met(float("nan"), "<=", 1.0) == "-"
+
+
+@pytest.mark.skipif(
+    __import__("torch").cuda.is_available(), reason="checks the answer without a GPU"
+)
+def test_gpu_stage_is_not_available_without_cuda(tmp_path):
+    out = tmp_path / "latest.json"
+    proc = subprocess.run(
+        [sys.executable, RUNNER, "--stages", "gpu", "--out", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "stage gpu: not available (no CUDA device)" in proc.stdout
+    assert json.loads(out.read_text())["gpu"] is None
+
+
+def test_gpu_bench_replicates_patients_not_files():
+    sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+    try:
+        from bench_gpu import replicated
+    finally:
+        sys.path.pop(0)
+    from hlss.data.table import PatchTable
+
+    table = PatchTable.from_records(
+        ["p1", "p1", "p2"],
+        ["1", "1", "1"],
+        ["a.tif", "b.tif", "c.tif"],
+        ["x", "x", "y"],
+        ["train"] * 3,
+    )
+    copies = replicated(table, 3)
+    assert len(copies) == 9 and copies.classes == table.classes
+    assert sorted(set(copies.frame["path"])) == ["a.tif", "b.tif", "c.tif"]
+    assert len(set(copies.frame["patient"])) == 6
+    per_patient = copies.frame.groupby("patient")["label"].nunique()
+    assert (per_patient == 1).all()
