@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import io
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -613,3 +615,130 @@ def test_a_planted_attribute_is_trusted_unless_it_contradicts_itself():
         assert pair["contradiction"].all() and (pair["trust"] == "low").all()
         assert pair["top_z"].iloc[0] > explanation_quality(df)["patch"]["z_high"]
         assert (df[df["path"] == "r"]["trust"] == "high").all()
+
+
+# ---------------------------------------------------------------------------------------------
+# the entity's class and how much of it the top attribute carries
+
+
+def test_explain_levels_carries_each_entitys_class():
+    emb, index, text, banks = _hierarchy()
+    df = explain_levels(emb, index, text, banks, k=2)
+    firsts = df[df["rank"] == 1]
+    patch = firsts[firsts["level"] == "patch"]
+    assert patch["label"].tolist() == index["label"].tolist()
+    slides = firsts[firsts["level"] == "slide"]
+    assert slides["label"].tolist() == ["hgg", "hgg", "lgg"]  # P1/1, P1/2, P2/1
+    assert firsts[firsts["level"] == "patient"]["label"].tolist() == ["hgg", "lgg"]
+    # every rank of an entity carries its label
+    assert (df.groupby(["level", "patient", "slide", "path"])["label"].nunique() == 1).all()
+    # mixed labels: the most common one; a tie goes to the label that sorts first
+    mixed = index.assign(label=["b", "a", "b", "c", "z", "y"])
+    df = explain_levels(emb, mixed, text, banks, k=1)
+    assert df[df["level"] == "slide"]["label"].tolist() == ["b", "c", "y"]
+    assert df[df["level"] == "patient"]["label"].tolist() == ["b", "y"]
+    # a missing label is empty and does not count; no label column: empty everywhere
+    gaps = index.assign(label=[None, None, "lgg", None, None, None])
+    df = explain_levels(emb, gaps, text, banks, k=1)
+    assert df[df["level"] == "slide"]["label"].tolist() == ["lgg", "", ""]
+    assert df[df["level"] == "patch"]["label"].tolist() == ["", "", "lgg", "", "", ""]
+    bare = explain_levels(emb, index.drop(columns=["label"]), text, banks, k=2)
+    assert list(bare.columns) == list(COLUMNS) and (bare["label"] == "").all()
+
+
+def _firsts_table(attributes, labels, level="patch"):
+    """A hand-made rank-1 table with the columns explanation_quality reads."""
+    n = len(attributes)
+    return pd.DataFrame(
+        {
+            "level": level,
+            "patient": [f"P{i}" for i in range(n)],
+            "slide": "1",
+            "path": [f"p{i}" for i in range(n)],
+            "label": labels,
+            "rank": 1,
+            "attribute": attributes,
+            "score": 0.5,
+            "top_z": 1.0,
+            "contradiction": False,
+            "trust": "low",
+            "top_p": 0.5,
+        },
+        columns=list(COLUMNS),
+    )
+
+
+def test_class_information_is_sklearns_ami_of_top_attribute_and_class():
+    from sklearn.metrics import adjusted_mutual_info_score
+
+    attributes = ["a", "a", "b", "b", "c", "a", "c", "b", "a", "c"]
+    labels = ["x", "x", "x", "y", "y", "y", "z", "z", "x", "z"]
+    table = _firsts_table(attributes, labels)
+    expected = adjusted_mutual_info_score(labels, attributes)
+    assert 0.05 < expected < 0.95  # neither extreme, so the comparison can fail
+    got = explanation_quality(table)["patch"]["class_information"]
+    assert got == pytest.approx(expected, abs=1e-12)
+    # ranks below 1 do not count
+    lower = _firsts_table(["z"] * 10, labels).assign(rank=2)
+    both = pd.concat([table, lower], ignore_index=True)
+    assert explanation_quality(both)["patch"]["class_information"] == pytest.approx(expected)
+    # entities without a label are left out, not counted as a class of their own
+    unlabelled = _firsts_table(["a", "b", "c"], ["", "", ""])
+    with_gaps = pd.concat([table, unlabelled], ignore_index=True)
+    assert explanation_quality(with_gaps)["patch"]["class_information"] == pytest.approx(expected)
+    # a table read back from CSV (missing labels as NaN) gives the same figure
+    back = pd.read_csv(io.StringIO(with_gaps.to_csv(index=False)))
+    assert back["label"].isna().sum() == 3
+    assert explanation_quality(back)["patch"]["class_information"] == pytest.approx(expected)
+
+
+def test_class_information_planted_and_shuffled():
+    rng = np.random.default_rng(11)
+    n_class, per_patient, patients = 3, 4, 60
+    bank = rng.normal(size=(n_class, 16)).astype(np.float32)
+    names = ["attr_hgg", "attr_lgg", "attr_mening"]
+    classes = np.array(["hgg", "lgg", "mening"])
+    patient_class = rng.integers(0, n_class, size=patients)
+    row_class = np.repeat(patient_class, per_patient)
+    emb = bank[row_class] + 0.05 * rng.normal(size=(len(row_class), 16)).astype(np.float32)
+    index = pd.DataFrame(
+        {
+            "patient": np.repeat([f"P{j:03d}" for j in range(patients)], per_patient),
+            "slide": "1",
+            "path": [f"p{i}.tif" for i in range(len(row_class))],
+            "label": classes[row_class],
+        }
+    )
+    banks = {lv: AttributeBank(lv, names, [["x"]] * n_class) for lv in ("patch", "patient")}
+    text = {lv: bank for lv in banks}
+    df = explain_levels(emb, index, text, banks, k=1)
+    # planted: the top attribute names the class -> all the class information there is
+    firsts = df[df["rank"] == 1]
+    assert (firsts["attribute"].str.removeprefix("attr_") == firsts["label"]).all()
+    quality = explanation_quality(df)
+    assert quality["patch"]["class_information"] == pytest.approx(1.0)
+    assert quality["patient"]["class_information"] == pytest.approx(1.0)
+    # shuffled classes (whole patients, so each keeps one label): about none
+    perm = rng.permutation(patients)
+    shuffled = index.assign(label=classes[np.repeat(patient_class[perm], per_patient)])
+    quality = explanation_quality(explain_levels(emb, shuffled, text, banks, k=1))
+    assert abs(quality["patch"]["class_information"]) < 0.05
+    assert abs(quality["patient"]["class_information"]) < 0.1
+
+
+def test_no_labels_no_class_information():
+    emb, index, text, banks = _hierarchy()
+    with_labels = explanation_quality(explain_levels(emb, index, text, banks, k=2))
+    assert all("class_information" in q for q in with_labels.values())
+    for table in (
+        explain_levels(emb, index.drop(columns=["label"]), text, banks, k=2),  # no label column
+        explain_levels(emb, index.assign(label="hgg"), text, banks, k=2),  # one class
+        explain_levels(emb, index.assign(label=None), text, banks, k=2),  # no label values
+    ):
+        quality = explanation_quality(table)
+        assert set(quality) == set(LEVELS)
+        assert not any("class_information" in q for q in quality.values())
+    # a table written before the label column existed still summarises and prints
+    old = explain_levels(emb, index, text, banks, k=2).drop(columns=["label"])
+    assert "class_information" not in explanation_quality(old)["patch"]
+    assert len(format_examples(old, n_per_level=1).splitlines()) == 3
