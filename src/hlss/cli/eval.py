@@ -29,6 +29,30 @@ def format_table(summary: dict) -> str:
     return "\n".join(lines)
 
 
+def format_explain_quality(quality: dict) -> str:
+    """One line per figure on how far the attribute explanations go: how much the top attribute
+    says about the class (``class_information``, adjusted mutual information; 0 = chance) and
+    the share of entities whose explanation earns trust ``medium`` or ``high``. Empty without
+    explanations."""
+    levels = [lv for lv in LEVELS if lv in quality]
+    if not levels:
+        return ""
+    lines = []
+    if any("class_information" in quality[lv] for lv in levels):
+        info = ", ".join(
+            f"{lv} {quality[lv]['class_information']:.2f}"
+            for lv in levels
+            if "class_information" in quality[lv]
+        )
+        lines.append(f"explanations vs class (AMI, 0 = chance; compare untrained=true): {info}")
+    trusted = ", ".join(
+        f"{lv} {quality[lv].get('trust_high', 0.0) + quality[lv].get('trust_medium', 0.0):.0%}"
+        for lv in levels
+    )
+    lines.append(f"explanations trusted (medium or high, beyond chance): {trusted}")
+    return "\n".join(lines)
+
+
 @hydra.main(config_path="pkg://hlss.conf", config_name="eval", version_base="1.3")
 def _eval(cfg: DictConfig) -> None:
     from hlss.eval.pipeline import evaluate
@@ -38,6 +62,8 @@ def _eval(cfg: DictConfig) -> None:
     print(format_table(summary))
     if summary.get("attribute_examples"):
         print("top attributes:\n" + summary["attribute_examples"])
+    if summary.get("explain_quality"):
+        print(format_explain_quality(summary["explain_quality"]))
     print(f"outputs: {summary['out']}")
     if "mlflow" in summary:
         print(f"mlflow ui --backend-store-uri {summary['mlflow']['tracking_uri']}")
