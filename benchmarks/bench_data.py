@@ -23,7 +23,13 @@ from omegaconf import OmegaConf
 
 import hlss
 from hlss.config import build
-from hlss.data.hierarchy import HierarchicalDataset, HierarchicalSampler, PatientIndex
+from hlss.data.hierarchy import (
+    HierarchicalDataset,
+    HierarchicalSampler,
+    PatientIndex,
+    collate_patients,
+    expand_views,
+)
 from hlss.data.io import read_patch
 from hlss.data.opensrh import (
     META_DIR,
@@ -132,14 +138,18 @@ def measure(quick: bool = False, device: torch.device | None = None) -> dict:
 
         dataset = HierarchicalDataset(table, 2, 2, 2, transform=BaseTransform("srh"))
         sampler = HierarchicalSampler(dataset.labels, seed=0)
-        loader = torch.utils.data.DataLoader(
-            dataset, batch_size=patients, sampler=sampler, num_workers=0
+        loader = torch.utils.data.DataLoader(  # the training loader's batches
+            dataset,
+            batch_size=patients,
+            sampler=sampler,
+            num_workers=0,
+            collate_fn=collate_patients,
         )
         augment = _hidisc_augment(device)
 
         def batches_of_images():
             while True:
-                yield from loader
+                yield from map(expand_views, loader)
 
         stream = batches_of_images()
         augment(next(stream)["image"].to(device))  # warm-up
