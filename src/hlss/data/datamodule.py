@@ -5,6 +5,7 @@ The training loader is resumable: its position in the epoch is saved in every ch
 
 from __future__ import annotations
 
+import copy
 import os
 import signal
 from collections.abc import Callable, Iterator
@@ -42,6 +43,47 @@ def loader_worker_init(worker_id: int) -> None:
         pl_worker_init_function(worker_id)
 
 
+def epoch_batches(keys: list, batch_size: int, drop_last: bool) -> list[list]:
+    """One epoch's sampler keys as batches, cut as a DataLoader cuts them: consecutive runs of
+    ``batch_size`` keys, a shorter last run kept, or dropped when ``drop_last``."""
+    stop = len(keys) - len(keys) % batch_size if drop_last else len(keys)
+    return [keys[i : i + batch_size] for i in range(0, stop, batch_size)]
+
+
+class EpochChain:
+    """Batch sampler that runs on across epoch boundaries: ``first`` (the batches of ``epoch``
+    still to load), then every batch of ``epoch + 1``, ``epoch + 2``, ... from their beginning.
+
+    Each epoch is cut on its own (:func:`epoch_batches`), so no batch mixes two epochs and
+    ``drop_last`` applies per epoch. Later epochs come from a copy of ``sampler`` taken now, so
+    :meth:`HierarchicalSampler.set_epoch` / ``resume`` calls on the original do not move it. Ends
+    only when a whole epoch has no batch (then every later one has none either).
+    """
+
+    def __init__(
+        self,
+        sampler: HierarchicalSampler,
+        epoch: int,
+        first: list[list],
+        batch_size: int,
+        drop_last: bool,
+    ):
+        self.sampler = copy.copy(sampler)
+        self.epoch, self.first = int(epoch), first
+        self.batch_size, self.drop_last = int(batch_size), drop_last
+
+    def __iter__(self) -> Iterator[list]:
+        yield from self.first
+        epoch = self.epoch + 1
+        while True:
+            self.sampler.resume(epoch, 0)  # the epoch from its start, whatever the copy held
+            batches = epoch_batches(list(self.sampler), self.batch_size, self.drop_last)
+            if not batches:
+                return
+            yield from batches
+            epoch += 1
+
+
 class ResumableLoader(DataLoader):
     """A loader over a :class:`HierarchicalSampler` whose place in the epoch is training state.
 
@@ -57,6 +99,20 @@ class ResumableLoader(DataLoader):
     the batch handed out is :func:`hlss.data.hierarchy.expand_views` of it (``[P, S, N, T, C, H,
     W]`` whose views share memory).
 
+    Prefetch across epochs (``num_workers > 0``): Lightning calls ``iter(loader)`` once per
+    epoch, and a plain DataLoader only starts loading an epoch then, so the first batch of every
+    epoch would cost a whole worker's batch latency with the device idle. Since an epoch's
+    order depends only on ``(seed, epoch)``, the workers are instead fed by one inner DataLoader
+    iterator over an :class:`EpochChain` (epoch ``e``'s batches, then ``e + 1``'s, ...), kept
+    in ``_iterator`` (where Lightning shuts workers down at the end of fitting) and reused by
+    the next ``iter``: each ``iter`` hands out exactly one epoch's batches (those of
+    ``sampler.epoch`` from :meth:`HierarchicalSampler.start_item`, cut per epoch as a
+    DataLoader cuts them), while the workers already load the next epoch's first batches. The
+    inner iterator is rebuilt where it does not stand at the start of the requested part of an
+    epoch: the first ``iter``, a resume, a ``set_epoch`` other than the next epoch, or an epoch
+    left unfinished (``max_steps``, a ``break``). With ``num_workers=0`` nothing loads ahead and
+    the loader iterates as a plain DataLoader.
+
     Raises:
         ConfigError: the sampler is not a :class:`HierarchicalSampler`, or no ``batch_size``.
     """
@@ -68,12 +124,50 @@ class ResumableLoader(DataLoader):
         if not isinstance(self.sampler, HierarchicalSampler) or self.batch_size is None:
             raise ConfigError("ResumableLoader needs a HierarchicalSampler and a batch_size")
         self._epoch, self._items = self.sampler.epoch, 0
+        # (epoch, item) at which the batches of the inner iterator in ``_iterator`` continue
+        self._ahead_at: tuple[int, int] | None = None
 
     def __iter__(self) -> Iterator:
         self._epoch, self._items = self.sampler.epoch, self.sampler.start_item()
-        for batch in super().__iter__():
+        if self.num_workers == 0:
+            for batch in super().__iter__():
+                self._items += self.batch_size
+                yield expand_views(batch)
+            return
+        # this epoch's keys from start_item() on; iterating the sampler consumes a resume
+        batches = epoch_batches(list(self.sampler), self.batch_size, self.drop_last)
+        if not batches:
+            return
+        position, ahead_at = (self._epoch, self._items), self._ahead_at
+        self._ahead_at = None  # unknown until this epoch is handed out in full
+        if self._iterator is None or ahead_at != position:
+            self._iterator = None  # the old workers end with their iterator
+            self._iterator = self._chained(batches)
+        inner, last = self._iterator, len(batches) - 1
+        for number in range(len(batches)):
+            batch = next(inner)
             self._items += self.batch_size
+            if number == last and self._iterator is inner:
+                self._ahead_at = (position[0] + 1, 0)  # the next epoch's batches come next
             yield expand_views(batch)
+
+    def _chained(self, first: list[list]) -> Iterator:
+        """A fresh inner iterator: ``first`` (this epoch's batches), then the epochs after it."""
+        chain = EpochChain(self.sampler, self._epoch, first, self.batch_size, self.drop_last)
+        options = {
+            "num_workers": self.num_workers,
+            "collate_fn": self.collate_fn,
+            "pin_memory": self.pin_memory,
+            "timeout": self.timeout,
+            "worker_init_fn": self.worker_init_fn,
+            "multiprocessing_context": self.multiprocessing_context,
+            "generator": self.generator,
+            "prefetch_factor": self.prefetch_factor,
+            "pin_memory_device": self.pin_memory_device,
+        }
+        if hasattr(self, "in_order"):  # torch >= 2.6
+            options["in_order"] = self.in_order
+        return iter(DataLoader(self.dataset, batch_sampler=chain, **options))
 
     def state_dict(self) -> dict[str, int]:
         """``{"epoch", "items"}``: the epoch and the items of it (this rank) already trained on."""
