@@ -141,10 +141,10 @@ def _train(cfg, stepper: _Stepper, batch: dict, quick: bool) -> dict:
 def replicated(table: PatchTable, copies: int) -> PatchTable:
     """``copies`` renamed copies of every patient of ``table`` (the same files).
 
-    A balanced epoch of the small generated set is one batch of 32 patients, and a loader
-    restarts its workers' work at every epoch, so one batch would be in flight at a time;
-    with OpenSRH's ~300 training patients an epoch is ~17 batches. Copies give the benchmark
-    epochs of that length without writing more files (the page cache holds them).
+    A balanced epoch of the small generated set is one batch of 32 patients; with OpenSRH's
+    ~300 training patients an epoch is ~17 batches. Copies give the benchmark epochs of that
+    length without writing more files (the page cache holds them), so the figure is not
+    dominated by what happens at epoch boundaries.
     """
     frame = table.frame
     copies_of = [frame.assign(patient=frame["patient"] + f"~{i}") for i in range(copies)]
