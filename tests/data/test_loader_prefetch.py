@@ -199,3 +199,29 @@ def test_training_over_several_epochs_draws_what_an_in_process_loader_draws(tmp_
     assert [r["step"] for r in rows[2]] == [1, 2, 3, 4, 5]
     assert len({r["epoch"] for r in rows[2]}) >= 3  # several epoch boundaries crossed
     assert [r["patches"] for r in rows[2]] == [r["patches"] for r in rows[0]]
+
+
+def test_a_loader_alive_at_exit_does_not_hang_the_exit(tmp_path):
+    """Workers ignore SIGTERM (stop signals are the main process's); a loader whose workers are
+    still running when the interpreter exits must not leave multiprocessing waiting on them."""
+    import subprocess
+    import sys
+
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    script = tmp_path / "alive_at_exit.py"
+    script.write_text(
+        "import sys\n"
+        f"sys.path.insert(0, {root!r})\n"
+        "from hlss.data.datamodule import ResumableLoader\n"
+        "from hlss.data.hierarchy import HierarchicalSampler\n"
+        "from tests.data.test_loader_prefetch import LABELS, Keys\n"
+        "loader = ResumableLoader(Keys(), batch_size=4, sampler=HierarchicalSampler(LABELS),"
+        " num_workers=2)\n"
+        "batches = iter(loader)\n"
+        "next(batches)\n"
+        "print('handed out', flush=True)\n"
+    )
+    proc = subprocess.run(
+        [sys.executable, str(script)], capture_output=True, text=True, timeout=120, check=False
+    )
+    assert proc.returncode == 0 and "handed out" in proc.stdout, proc.stderr[-2000:]

@@ -5,9 +5,11 @@ The training loader is resumable: its position in the epoch is saved in every ch
 
 from __future__ import annotations
 
+import atexit
 import copy
 import os
 import signal
+import weakref
 from collections.abc import Callable, Iterator
 
 import lightning as L
@@ -41,6 +43,36 @@ def loader_worker_init(worker_id: int) -> None:
         signal.signal(signum, signal.SIG_IGN)
     if int(os.environ.get("PL_SEED_WORKERS", 0)):
         pl_worker_init_function(worker_id)
+
+
+# Inner loader iterators whose workers may still run (see _track_workers).
+_LIVE_ITERATORS: weakref.WeakSet = weakref.WeakSet()
+_EXIT_HOOK_REGISTERED = False
+
+
+def _shutdown_live_workers() -> None:
+    """Stop the workers of loader iterators still alive at interpreter exit."""
+    for iterator in list(_LIVE_ITERATORS):
+        shutdown = getattr(iterator, "_shutdown_workers", None)
+        if shutdown is not None:
+            shutdown()
+
+
+def _track_workers(iterator: Iterator) -> Iterator:
+    """Remember ``iterator`` so its workers are stopped at exit if nothing else stops them.
+
+    Workers ignore SIGTERM (:func:`loader_worker_init`), and at exit :mod:`multiprocessing`
+    terminates its daemonic children with SIGTERM and then joins them: a loader still alive
+    then (one kept in a global, or by a traceback) would hang the exit. ``atexit`` runs the
+    last-registered hook first, and this one is registered after :mod:`multiprocessing`'s
+    (imported with torch), so the workers are asked to stop the normal way before that join.
+    """
+    global _EXIT_HOOK_REGISTERED
+    if not _EXIT_HOOK_REGISTERED:
+        atexit.register(_shutdown_live_workers)
+        _EXIT_HOOK_REGISTERED = True
+    _LIVE_ITERATORS.add(iterator)
+    return iterator
 
 
 def epoch_batches(keys: list, batch_size: int, drop_last: bool) -> list[list]:
@@ -167,7 +199,7 @@ class ResumableLoader(DataLoader):
         }
         if hasattr(self, "in_order"):  # torch >= 2.6
             options["in_order"] = self.in_order
-        return iter(DataLoader(self.dataset, batch_sampler=chain, **options))
+        return _track_workers(iter(DataLoader(self.dataset, batch_sampler=chain, **options)))
 
     def state_dict(self) -> dict[str, int]:
         """``{"epoch", "items"}``: the epoch and the items of it (this rank) already trained on."""
