@@ -79,7 +79,6 @@ def make_loader(
         sampler=sampler(**options),
         num_workers=workers,
         drop_last=drop_last,
-        persistent_workers=workers > 0,  # as the data module builds it
     )
     MADE.append(loader)
     return loader

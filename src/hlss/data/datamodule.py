@@ -296,7 +296,6 @@ class HierarchicalDataModule(L.LightningDataModule):
             num_workers=self.num_workers,
             pin_memory=self.pin_memory,
             drop_last=self.drop_last,
-            persistent_workers=self.num_workers > 0,
         )
 
     def transfer_batch_to_device(self, batch, device: torch.device, dataloader_idx: int):

@@ -187,6 +187,21 @@ READOUTS = ("raw", "centered", "zscore")
 _CHUNK = 65536
 
 
+def readout_name(readout) -> str:
+    """The readout's name (an enum member, as the ``explain.readout`` config key gives it, is
+    taken by its value).
+
+    Raises:
+        HLSSError: not one of :data:`READOUTS`.
+    """
+    name = str(getattr(readout, "value", readout))
+    if name not in READOUTS:
+        raise HLSSError(
+            f"explain.readout: unknown readout {name!r} (choose one of {', '.join(READOUTS)})"
+        )
+    return name
+
+
 def readout_parts(
     source: np.ndarray | torch.Tensor,
     bank_text: np.ndarray | torch.Tensor,
@@ -211,10 +226,7 @@ def readout_parts(
     Raises:
         HLSSError: an unknown readout.
     """
-    if readout not in READOUTS:
-        raise HLSSError(
-            f"explain.readout: unknown readout {readout!r} (choose one of {', '.join(READOUTS)})"
-        )
+    readout = readout_name(readout)
     bank = F.normalize(rows_f32(bank_text), dim=-1)
     a, d = bank.shape
     if readout == "raw":
@@ -583,11 +595,7 @@ def explain_levels(
             missing; an unknown level; a level of ``banks`` without text embeddings; a bank whose
             size or width does not match its text embeddings; an unknown readout.
     """
-    readout = str(getattr(readout, "value", readout))
-    if readout not in READOUTS:
-        raise HLSSError(
-            f"explain.readout: unknown readout {readout!r} (choose one of {', '.join(READOUTS)})"
-        )
+    readout = readout_name(readout)
     m, d = check_2d(text_space, "explain_levels text_space")
     if len(index) != m:
         raise HLSSError(f"explain: index has {len(index)} rows but there are {m} embeddings")
