@@ -160,6 +160,7 @@ def test_lone_checkpoint_carries_resolved_config(in_tmp):
         ("+loss.temprature=0.1", "error: loss.temprature: unknown key"),
         ("seed=abc", "error: seed=abc: Value 'abc'"),
         ("loss=nope", "error: In 'train': Could not find 'loss/nope'"),
+        ("loader.num_workers=-1", "error: loader.num_workers must be >= 0"),
     ],
 )
 def test_console_script_refuses_bad_override_in_one_line(in_tmp, override, expected):

@@ -254,6 +254,10 @@ class HierarchicalDataModule(L.LightningDataModule):
         super().__init__()
         if int(patients) < 1:
             raise ConfigError(f"patients per batch must be >= 1, got {patients}")
+        if int(num_workers) < 0:
+            raise ConfigError(
+                f"loader.num_workers must be >= 0 (0 loads in the main process), got {num_workers}"
+            )
         self._table_source = table
         self.table: PatchTable | None = table if isinstance(table, PatchTable) else None
         self.transform = transform
