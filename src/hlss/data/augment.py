@@ -39,6 +39,8 @@ from the global generator with the other parameters).
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import itertools
 import math
 from collections.abc import Callable, Sequence
@@ -53,6 +55,7 @@ from kornia.augmentation import random_generator as rg
 from kornia.geometry.conversions import normalize_homography
 from torch import nn
 
+from hlss.data import augment_cpu
 from hlss.errors import ConfigError
 
 __all__ = ["BatchAugment", "RandomGaussianNoiseStd", "RandomResizedCropKeepSize"]
@@ -218,7 +221,8 @@ def _prepare_noise(op: nn.Module, params: dict, like: torch.Tensor) -> dict:
     the same result for the same global seed."""
     args = {"std": params["std"].to(like.device, like.dtype)}
     if like.device.type == "cpu":
-        args["seed"] = torch.randint(0, 2**62, (args["std"].shape[0],), dtype=torch.int64)
+        count = (args["std"].shape[0],)
+        args["seed"] = torch.randint(0, augment_cpu.SEED_LIMIT, count, dtype=torch.int64)
     return args
 
 
@@ -251,21 +255,23 @@ def _clamp(op: nn.Module, x: torch.Tensor, args: dict) -> torch.Tensor:
 
 def _auto_contrast(op: nn.Module, x: torch.Tensor, args: dict) -> torch.Tensor:
     flat = x.flatten(-2)
-    low = flat.amin(-1)[..., None, None]
+    low = flat.amin(-1)[..., None, None]  # two passes: faster than aminmax's one on the CPU
     high = flat.amax(-1)[..., None, None]
     x.sub_(low).div_(high - low + 1e-6)
     return x.clamp_(0.0, 1.0) if op.clip_output else x
 
 
 def _solarize(op: nn.Module, x: torch.Tensor, args: dict) -> torch.Tensor:
-    """``x`` where ``x < threshold``, ``1 - x`` elsewhere (kornia's ``where``), in place: the
-    comparison written straight out as 0/1 floats, and ``lerp`` with a 0/1 weight returns
-    either end exactly. About three times as fast as ``torch.where`` on the CPU."""
+    """``x`` where ``x < threshold``, ``1 - x`` elsewhere (kornia's ``where``), in place, as
+    ``x + m * (-2x) + m`` with ``m = [x >= threshold]`` written out as 0/1 floats: below the
+    threshold that is ``x`` itself, above it ``-x + 1``, which rounds as ``1 - x`` does, so the
+    values are kornia's bit for bit. No temporary but ``m``: twice as fast as a ``lerp`` towards
+    ``1 - x`` and six times ``torch.where`` on the CPU."""
     x.clamp_(0.0, 1.0)
     if "additions" in args:
         x.add_(_per_image(args["additions"], x)).clamp_(0.0, 1.0)
-    step = torch.ge(x, _per_image(args["thresholds"], x), out=torch.empty_like(x))
-    return x.lerp_(1.0 - x, step)
+    above = torch.ge(x, _per_image(args["thresholds"], x), out=torch.empty_like(x))
+    return x.addcmul_(above, x, value=-2.0).add_(above)
 
 
 def _box3_sum(x: torch.Tensor) -> torch.Tensor:
@@ -424,22 +430,39 @@ def _erasing(op: nn.Module, x: torch.Tensor, args: dict) -> torch.Tensor:
     return x
 
 
+def _blur_cpu(op: nn.Module, x: torch.Tensor, args: dict) -> torch.Tensor:
+    if augment_cpu.blur_border(op) is None:  # a border OpenCV's filters do not have here
+        return _gaussian_blur(op, x, args)
+    return augment_cpu.gaussian_blur(op, x, args)
+
+
 class _Kernel(NamedTuple):
     prepare: Callable[[nn.Module, dict, torch.Tensor], dict | None]
     apply: Callable[[nn.Module, torch.Tensor, dict], torch.Tensor]
     in_place: bool = True
     """False: ``apply`` never writes into its input (it may be given the caller's batch)."""
+    cpu: Callable[[nn.Module, torch.Tensor, dict], torch.Tensor] | None = None
+    """The same op with OpenCV (:mod:`hlss.data.augment_cpu`), for ``float32`` images on the CPU;
+    None: ``apply`` runs there too."""
+
+
+def _compute(kernel: _Kernel, op: nn.Module, x: torch.Tensor, args: dict, opencv: bool = True):
+    """``kernel`` on images ``x`` with ``args``: its OpenCV version where ``opencv`` is set and
+    it can run (``float32`` on the CPU), the torch one otherwise."""
+    if opencv and kernel.cpu is not None and augment_cpu.usable(x):
+        return kernel.cpu(op, x, args)
+    return kernel.apply(op, x, args)
 
 
 _FAST: dict[type, _Kernel] = {
     K.RandomHorizontalFlip: _Kernel(_no_args, _hflip, in_place=False),
     K.RandomVerticalFlip: _Kernel(_no_args, _vflip, in_place=False),
-    RandomGaussianNoiseStd: _Kernel(_prepare_noise, _noise),
+    RandomGaussianNoiseStd: _Kernel(_prepare_noise, _noise, cpu=augment_cpu.gaussian_noise),
     K.ColorJitter: _Kernel(_prepare_color_jitter, _clamp),
     K.RandomAutoContrast: _Kernel(_no_args, _auto_contrast),
     K.RandomSolarize: _Kernel(_keys("thresholds", "additions"), _solarize),
-    K.RandomSharpness: _Kernel(_keys("sharpness"), _sharpness),
-    K.RandomGaussianBlur: _Kernel(_prepare_blur, _gaussian_blur, in_place=False),
+    K.RandomSharpness: _Kernel(_keys("sharpness"), _sharpness, cpu=augment_cpu.sharpness),
+    K.RandomGaussianBlur: _Kernel(_prepare_blur, _gaussian_blur, in_place=False, cpu=_blur_cpu),
     K.RandomAffine: _Kernel(_prepare_affine, _affine, in_place=False),
     RandomResizedCropKeepSize: _Kernel(_prepare_crop, _resized_crop, in_place=False),
     K.RandomErasing: _Kernel(_prepare_erasing, _erasing),
@@ -468,14 +491,24 @@ _FLIP_EQUIVARIANT = (
 )
 
 
-def _to_unit(height: int, width: int, align: bool) -> np.ndarray:
-    """3 x 3 map from pixel coordinates to ``grid_sample``'s [-1, 1] ones (either convention)."""
+@functools.lru_cache(maxsize=64)
+def _unit_maps(height: int, width: int, align: bool) -> tuple[np.ndarray, np.ndarray]:
+    """3 x 3 map from pixel coordinates to ``grid_sample``'s [-1, 1] ones (either convention),
+    and its inverse; computed once per image size (read-only arrays)."""
     if align:
         sx, sy = 2.0 / max(width - 1, 1), 2.0 / max(height - 1, 1)
-        return np.array([[sx, 0.0, -1.0], [0.0, sy, -1.0], [0.0, 0.0, 1.0]])
-    return np.array(
-        [[2.0 / width, 0.0, 1.0 / width - 1.0], [0.0, 2.0 / height, 1.0 / height - 1.0], [0, 0, 1]]
-    )
+        unit = np.array([[sx, 0.0, -1.0], [0.0, sy, -1.0], [0.0, 0.0, 1.0]])
+    else:
+        unit = np.array(
+            [
+                [2.0 / width, 0.0, 1.0 / width - 1.0],
+                [0.0, 2.0 / height, 1.0 / height - 1.0],
+                [0, 0, 1],
+            ]
+        )
+    inverse = np.linalg.inv(unit)
+    unit.flags.writeable = inverse.flags.writeable = False
+    return unit, inverse
 
 
 def _pixel_map(step: tuple, height: int, width: int) -> np.ndarray | None:
@@ -495,8 +528,8 @@ def _pixel_map(step: tuple, height: int, width: int) -> np.ndarray | None:
         align = True
     theta = np.eye(3)
     theta[:2] = args["theta"][j].double().cpu().numpy()
-    unit = _to_unit(height, width, align)
-    return np.linalg.inv(unit) @ theta @ unit
+    unit, inverse = _unit_maps(height, width, align)
+    return inverse @ theta @ unit
 
 
 def _warp(op: nn.Module | None, x: torch.Tensor, args: dict) -> torch.Tensor:
@@ -545,8 +578,8 @@ def _fuse_geometry(steps: list, height: int, width: int) -> list:
             total = np.eye(3)
             for m in maps:  # the first step's map is applied last to an output pixel
                 total = total @ m
-            unit = _to_unit(height, width, True)
-            theta = (unit @ total @ np.linalg.inv(unit))[:2]
+            unit, inverse = _unit_maps(height, width, True)
+            theta = (unit @ total @ inverse)[:2]
             like = next(step[2]["theta"] for step in run if type(step[0]) in _WARPS)
             fused.append((None, _WARP, {"theta": torch.as_tensor(theta[None]).to(like)}, 0))
         run.clear()
@@ -594,15 +627,15 @@ def _run_kornia(op: nn.Module, x: torch.Tensor, params: dict | None) -> torch.Te
         op.p = p
 
 
-def apply_op(op: nn.Module, x: torch.Tensor) -> torch.Tensor:
+def apply_op(op: nn.Module, x: torch.Tensor, opencv: bool = True) -> torch.Tensor:
     """Apply ``op`` to every image of ``x`` ``[n, C, H, W]`` (the gate already decided), with
     per-image parameters drawn by kornia: the fast kernel of ``op``'s class where there is one
-    that handles its settings, kornia's own ``forward`` otherwise. ``x`` may be changed in place;
-    returns the result."""
+    that handles its settings (its OpenCV version on ``float32`` CPU images unless ``opencv`` is
+    False), kornia's own ``forward`` otherwise. ``x`` may be changed in place; returns the result."""
     draw = _draw(op, torch.arange(x.shape[0], device=x.device), x)
     if draw.args is None:
         return _run_kornia(op, x, draw.params)
-    return _FAST[type(op)].apply(op, x, draw.args)
+    return _compute(_FAST[type(op)], op, x, draw.args, opencv)
 
 
 def _dry_run(op: nn.Module, where: str) -> None:
@@ -692,6 +725,10 @@ class BatchAugment(nn.Module):
             crop in one bilinear pass (see "fused geometry" in the module); False: one pass each.
         threads: how many threads share the images on the per-image path; None: the intra-op
             thread count in effect (``torch.get_num_threads()``, which the call leaves as it was).
+        opencv: on the CPU, compute blur, sharpness and noise on ``float32`` images with
+            OpenCV (:mod:`hlss.data.augment_cpu`, several times faster); False: torch's kernels,
+            as on other devices. The noise then comes from OpenCV's generator: the same
+            distribution, other draws.
 
     Output memory: on the per-image path the result is written into one of two batch buffers
     kept for reuse, and a buffer is reused only once nothing else refers to its memory (a
@@ -719,6 +756,7 @@ class BatchAugment(nn.Module):
         per_image: bool = True,
         fuse_geometry: bool = True,
         threads: int | None = None,
+        opencv: bool = True,
     ):
         super().__init__()
         self.p = _check_prob(p, "augment")
@@ -739,6 +777,7 @@ class BatchAugment(nn.Module):
                 f"augment: threads must be a positive integer or null; got {threads!r}"
             )
         self.threads = threads
+        self.opencv = bool(opencv)
         self._rng_device = torch.device("cpu")
         self._outputs = _OutputBuffers()
         self._threads = _ImageThreads()
@@ -775,7 +814,7 @@ class BatchAugment(nn.Module):
             out = self._per_image(ops, draws, x, like, work_dtype)
         else:
             batch = imgs if imgs is not None else x.reshape(n, *shape[-3:])
-            out = self._per_op(ops, draws, batch, work_dtype)
+            out = self._per_op(ops, draws, batch, work_dtype, self.opencv)
         return out.to(dtype).reshape(shape)
 
     @staticmethod
@@ -796,7 +835,9 @@ class BatchAugment(nn.Module):
         return draws
 
     @staticmethod
-    def _per_op(ops, draws, imgs: torch.Tensor, work_dtype: torch.dtype) -> torch.Tensor:
+    def _per_op(
+        ops, draws, imgs: torch.Tensor, work_dtype: torch.dtype, opencv: bool
+    ) -> torch.Tensor:
         """Batched: each op once, on its chosen images (gathered, computed, scattered back)."""
         work = imgs.to(work_dtype)
         owned = work.data_ptr() != imgs.data_ptr()
@@ -807,7 +848,7 @@ class BatchAugment(nn.Module):
             if draw.args is None:
                 changed = _run_kornia(op, sub, draw.params)
             else:
-                changed = _FAST[type(op)].apply(op, sub, draw.args)
+                changed = _compute(_FAST[type(op)], op, sub, draw.args, opencv)
             if not owned:
                 work, owned = work.clone(), True
             work.index_copy_(0, draw.chosen, changed.to(work_dtype))
@@ -837,15 +878,16 @@ class BatchAugment(nn.Module):
             kernel = _FAST[type(op)]
             for j, i in enumerate(draw.chosen.tolist()):
                 plan[i].append((op, kernel, draw.args, j))
-        if self.fuse_geometry:
-            height, width = int(like.shape[-2]), int(like.shape[-1])
-            plan = [_fuse_geometry(steps, height, width) for steps in plan]
+        height, width = int(like.shape[-2]), int(like.shape[-1])
 
         def run(first: int, stop: int) -> None:
             with torch.no_grad():  # grad mode is per thread
-                for i in range(first, stop):
+                for i in range(first, stop):  # fused here: the other threads compute meanwhile
+                    steps = (
+                        _fuse_geometry(plan[i], height, width) if self.fuse_geometry else plan[i]
+                    )
                     source = x[np.unravel_index(i, lead)] if lead else x
-                    BatchAugment._one_image(out[i : i + 1], source[None], plan[i])
+                    BatchAugment._one_image(out[i : i + 1], source[None], steps, self.opencv)
 
         threads = torch.get_num_threads()
         wanted = threads if self.threads is None else self.threads
@@ -853,21 +895,23 @@ class BatchAugment(nn.Module):
         bounds = [n * k // workers for k in range(workers + 1)]
         if threads != 1:
             torch.set_num_threads(1)
+        opencv_threads = augment_cpu.one_thread() if self.opencv else contextlib.nullcontext()
         try:
-            if workers == 1:
-                run(0, n)
-            else:
-                pool = self._threads.pool(workers)
-                jobs = [pool.submit(run, a, b) for a, b in itertools.pairwise(bounds)]
-                for job in jobs:
-                    job.result()
+            with opencv_threads:
+                if workers == 1:
+                    run(0, n)
+                else:
+                    pool = self._threads.pool(workers)
+                    jobs = [pool.submit(run, a, b) for a, b in itertools.pairwise(bounds)]
+                    for job in jobs:
+                        job.result()
         finally:
             if threads != 1:
                 torch.set_num_threads(threads)
         return out
 
     @staticmethod
-    def _one_image(image: torch.Tensor, source: torch.Tensor, steps: list) -> None:
+    def _one_image(image: torch.Tensor, source: torch.Tensor, steps: list, opencv: bool) -> None:
         """Write ``source`` ``[1, C, H, W]`` with its chosen ``steps`` applied into ``image``.
 
         ``source`` is read, never written: it is copied into ``image`` before the first step
@@ -881,7 +925,7 @@ class BatchAugment(nn.Module):
                 image.copy_(source)
                 current = image
             one = {key: value[j : j + 1] for key, value in args.items()}
-            current = kernel.apply(op, current, one)
+            current = _compute(kernel, op, current, one, opencv)
         if current is not image:
             image.copy_(current)
         image.clamp_(0.0, 1.0)

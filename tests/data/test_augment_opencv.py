@@ -1,0 +1,149 @@
+"""The OpenCV kernels of the CPU path (``hlss.data.augment_cpu``) give what kornia gives for the
+same parameters, their noise has each image's std, and ``opencv=False`` or a missing OpenCV
+leaves the torch kernels in charge."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import cv2
+import kornia.augmentation as K
+import pytest
+import torch
+from hydra.utils import instantiate
+from omegaconf import OmegaConf
+
+import hlss
+from hlss.data import augment_cpu
+from hlss.data.augment import _FAST, BatchAugment, RandomGaussianNoiseStd, _compute
+
+CONF_DIR = Path(hlss.__file__).parent / "conf" / "augment"
+
+# the op classes with an OpenCV kernel, in settings beyond the shipped ones
+OPS = {
+    "sharpness": lambda: K.RandomSharpness(sharpness=[0.5, 10.0], p=1.0),
+    "blur5": lambda: K.RandomGaussianBlur(kernel_size=[5, 5], sigma=[0.1, 2.0], p=1.0),
+    "blur3x7": lambda: K.RandomGaussianBlur(kernel_size=[3, 7], sigma=[1.0, 1.0], p=1.0),
+    "blur_replicate": lambda: K.RandomGaussianBlur(
+        kernel_size=[5, 5], sigma=[0.5, 1.5], border_type="replicate", p=1.0
+    ),
+}
+
+
+def _images(n: int = 6, height: int = 23, width: int = 31, seed: int = 0) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(seed)
+    return torch.rand(n, 3, height, width, generator=gen) * 1.2 - 0.1  # a little outside [0, 1]
+
+
+def test_the_ops_listed_here_are_the_ones_with_an_opencv_kernel():
+    with_cpu = {cls for cls, kernel in _FAST.items() if kernel.cpu is not None}
+    assert with_cpu == {K.RandomSharpness, K.RandomGaussianBlur, RandomGaussianNoiseStd}
+    assert {type(make()) for make in OPS.values()} | {RandomGaussianNoiseStd} == with_cpu
+
+
+@pytest.mark.parametrize("name", sorted(OPS))
+def test_opencv_kernel_equals_kornia_for_the_same_parameters(name):
+    op = OPS[name]()
+    torch.manual_seed(0)
+    x = _images()
+    params = op.forward_parameters(x.shape)
+    expected = op(x.clone(), params=params)
+    kernel = _FAST[type(op)]
+    args = kernel.prepare(op, params, x)
+    before = x.clone()
+    got = kernel.cpu(op, x, args)
+    torch.testing.assert_close(got, expected, atol=2e-5, rtol=1e-5)
+    if not kernel.in_place:
+        assert torch.equal(x, before)
+
+
+def test_blur_with_a_border_opencv_lacks_here_runs_the_torch_kernel():
+    op = K.RandomGaussianBlur(kernel_size=[5, 5], sigma=[1.0, 1.0], border_type="circular", p=1)
+    assert augment_cpu.blur_border(op) is None
+    torch.manual_seed(0)
+    x = _images()
+    params = op.forward_parameters(x.shape)
+    expected = op(x.clone(), params=params)
+    kernel = _FAST[type(op)]
+    got = kernel.cpu(op, x.clone(), kernel.prepare(op, params, x))
+    torch.testing.assert_close(got, expected, atol=2e-5, rtol=1e-5)
+
+
+def test_opencv_noise_has_each_image_std_and_mean_and_follows_its_seed():
+    op = RandomGaussianNoiseStd(std=[0.01, 0.1], mean=0.02, p=1.0)
+    torch.manual_seed(0)
+    x = torch.full((16, 3, 64, 64), 0.5)
+    kernel = _FAST[type(op)]
+    args = kernel.prepare(op, op.forward_parameters(x.shape), x)
+    assert "seed" in args and int(args["seed"].max()) < augment_cpu.SEED_LIMIT
+    y = kernel.cpu(op, x.clone(), args)
+    delta = (y - x).flatten(1)
+    torch.testing.assert_close(delta.std(1), args["std"], rtol=0.05, atol=1e-3)
+    torch.testing.assert_close(delta.mean(1), torch.full((16,), 0.02), atol=4e-3, rtol=0)
+    # each image's noise depends on its own seed only: image 3 alone gives the same pixels
+    one = {key: value[3:4] for key, value in args.items()}
+    assert torch.equal(kernel.cpu(op, x[3:4].clone(), one)[0], y[3])
+    # images are not given the same noise field
+    assert not torch.equal(delta[0] / args["std"][0], delta[1] / args["std"][1])
+
+
+def test_opencv_and_torch_kernels_give_the_same_batch_but_for_the_noise():
+    ops = [
+        K.RandomHorizontalFlip(p=0.5),
+        K.RandomSharpness(sharpness=[2.0, 2.0], p=0.5),
+        K.RandomGaussianBlur(kernel_size=[5, 5], sigma=[1.0, 1.0], p=0.5),
+        K.RandomSolarize(thresholds=[0.2, 0.2], additions=[0.0, 0.0], p=0.5),
+        K.RandomAffine(degrees=10.0, translate=[0.1, 0.3], p=0.5),
+    ]
+    x = torch.rand(24, 3, 40, 40)
+    torch.manual_seed(5)
+    with_opencv = BatchAugment(ops, p=0.5, opencv=True)(x)
+    torch.manual_seed(5)
+    with_torch = BatchAugment(ops, p=0.5, opencv=False)(x)
+    torch.testing.assert_close(with_opencv, with_torch, atol=3e-5, rtol=0)
+
+
+def test_opencv_false_never_calls_an_opencv_kernel(monkeypatch):
+    def refuse(*args, **kwargs):
+        raise AssertionError("an OpenCV kernel ran")
+
+    monkeypatch.setattr(augment_cpu, "gaussian_blur", refuse)
+    monkeypatch.setattr(augment_cpu, "sharpness", refuse)
+    for cls in (K.RandomSharpness, RandomGaussianNoiseStd):
+        monkeypatch.setitem(_FAST, cls, _FAST[cls]._replace(cpu=refuse))
+    aug = instantiate(OmegaConf.load(CONF_DIR / "hidisc.yaml"), p=1.0, opencv=False)
+    torch.manual_seed(0)
+    y = aug(torch.rand(8, 3, 24, 24))
+    assert y.shape == (8, 3, 24, 24)
+
+
+def test_without_opencv_the_torch_kernels_run(monkeypatch):
+    monkeypatch.setattr(augment_cpu, "_cv2", lambda: None)
+    assert not augment_cpu.available()
+    op = K.RandomGaussianBlur(kernel_size=[5, 5], sigma=[1.0, 1.0], p=1.0)
+    x = _images()
+    torch.manual_seed(0)
+    params = op.forward_parameters(x.shape)
+    kernel = _FAST[type(op)]
+    got = _compute(kernel, op, x.clone(), kernel.prepare(op, params, x), opencv=True)
+    torch.testing.assert_close(got, op(x.clone(), params=params), atol=2e-5, rtol=1e-5)
+    with augment_cpu.one_thread():  # nothing to set without OpenCV
+        pass
+
+
+def test_float64_and_half_batches_take_the_kernels_their_dtype_allows():
+    aug = instantiate(OmegaConf.load(CONF_DIR / "hidisc.yaml"), p=1.0)
+    for dtype in (torch.float64, torch.float16):
+        torch.manual_seed(0)
+        y = aug(torch.rand(4, 3, 32, 32).to(dtype))
+        assert y.dtype == dtype and y.min() >= 0 and y.max() <= 1
+
+
+def test_opencv_thread_count_is_left_as_it_was():
+    before = cv2.getNumThreads()
+    try:
+        cv2.setNumThreads(3)
+        instantiate(OmegaConf.load(CONF_DIR / "hidisc.yaml"), p=0.5)(torch.rand(16, 3, 24, 24))
+        assert cv2.getNumThreads() == 3
+    finally:
+        cv2.setNumThreads(before)
