@@ -365,3 +365,12 @@ def test_pinned_loader_batch_reaches_the_gpu_with_its_views(table):
     )
     plain = default_collate([ds[key] for key in keys])
     assert moved["image"].is_cuda and torch.equal(moved["image"].cpu(), plain["image"])
+
+
+def test_patches_of_different_sizes_in_one_patient_are_one_data_error(tmp_path):
+    table = write_table(str(tmp_path), {"P1": ("a", [2]), "P2": ("b", [1])})
+    tifffile.imwrite(table.frame["path"][1], np.zeros((2, SIZE + 2, SIZE), dtype=np.uint16))
+    ds = HierarchicalDataset(table, slides_per_patient=1, patches_per_slide=2, views=2)
+    with pytest.raises(DataError, match=r"P1: patches of different sizes .*dataset.transform.size"):
+        ds[(0, 0)]
+    assert ds[(1, 0)]["image"].shape == (1, 2, 2, 2, SIZE, SIZE)

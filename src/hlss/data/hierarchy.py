@@ -200,18 +200,23 @@ class HierarchicalDataset(Dataset):
         rng = np.random.default_rng(int(draw_seed))
         slide_rows = self.index.rows[patient]
         slide_pick = _cyclic_choice(rng, len(slide_rows), self.S)
-        images, patch_rows, bad = [], np.empty((self.S, self.N), dtype=np.int64), 0
+        image, patch_rows, bad = None, np.empty((self.S, self.N), dtype=np.int64), 0
         for s, slide_pos in enumerate(slide_pick):
             rows = slide_rows[slide_pos]
             picks = rows[_cyclic_choice(rng, len(rows), self.N)]
-            per_slide = []
             for n, row in enumerate(picks):
                 img, n_bad = self._load_with_fallback(patient, int(slide_pos), int(row))
                 bad += n_bad
                 patch_rows[s, n] = row
-                per_slide.append(img)
-            images.append(torch.stack(per_slide))
-        image = torch.stack(images)  # [S, N, C, H, W]
+                if image is None:  # [S, N, C, H, W], each patch copied in once
+                    image = img.new_empty((self.S, self.N, *img.shape))
+                elif img.shape != image.shape[2:]:
+                    raise DataError(
+                        f"patient {self.index.patients[patient]}: patches of different sizes "
+                        f"({tuple(image.shape[2:])} and {tuple(img.shape)}); set dataset.transform.size "
+                        "so that the base transform crops them alike"
+                    )
+                image[s, n] = img
         image = image.unsqueeze(2).expand(-1, -1, self.T, -1, -1, -1)
         return {
             "image": image,
