@@ -29,7 +29,26 @@ H5_EXT = (".h5", ".hdf5")
 MODALITY_FORMAT = {"srh": (2, np.dtype(np.uint16)), "he": (3, np.dtype(np.uint8))}
 
 
+def _decode_tiff_libtiff(path: str) -> np.ndarray | None:
+    """All pages of a TIFF decoded by libtiff (``imagecodecs.tiff_decode``, ~3x faster than
+    tifffile on a 300-px patch: no Python parsing of the tags); None where it cannot."""
+    try:
+        import imagecodecs
+
+        with open(path, "rb") as handle:
+            return imagecodecs.tiff_decode(handle.read(), index=None)
+    except Exception:  # not installed, or a file libtiff does not read: tifffile decides
+        return None
+
+
 def _read_tiff(path: str) -> np.ndarray:
+    """The image tifffile reads (``tifffile.imread``): libtiff's decoding of all pages where it
+    reads the file, which gives the same array for the layouts patches come in (pages, planar or
+    interleaved samples, strips or tiles, any compression; ``tests/data/test_tiff_read.py``);
+    tifffile otherwise, whose error names what is wrong with a bad file."""
+    arr = _decode_tiff_libtiff(path)
+    if arr is not None:
+        return arr
     import tifffile
 
     try:
