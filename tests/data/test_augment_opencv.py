@@ -147,3 +147,39 @@ def test_opencv_thread_count_is_left_as_it_was():
         assert cv2.getNumThreads() == 3
     finally:
         cv2.setNumThreads(before)
+
+
+@pytest.mark.skipif(not augment_cpu.exact_warp(), reason="OpenCV 4 rounds warp positions")
+def test_opencv_warp_equals_grid_sample_for_the_same_map():
+    from hlss.data.augment import _WARP, _fuse_geometry
+
+    torch.manual_seed(0)
+    yy, xx = torch.meshgrid(torch.linspace(0, 1, 41), torch.linspace(0, 1, 57), indexing="ij")
+    image = torch.stack([0.5 + 0.4 * torch.sin(9 * xx + 7 * yy), xx * yy, 0.2 + 0.6 * yy])[None]
+    ops = [K.RandomHorizontalFlip(p=1.0), K.RandomAffine(degrees=30.0, translate=0.2, p=1.0)]
+    for _ in range(5):
+        steps = []
+        for op in ops:
+            kernel = _FAST[type(op)]
+            params = op.forward_parameters(torch.Size((1, 3, 41, 57)))
+            steps.append((op, kernel, kernel.prepare(op, params, image), 0))
+        [(_, kernel, args, _)] = _fuse_geometry(steps, 41, 57)
+        assert kernel is _WARP and set(args) == {"theta", "pixel"}
+        expected = _WARP.apply(None, image, args)
+        got = augment_cpu.warp_bilinear(None, image, args)
+        torch.testing.assert_close(got, expected, atol=2e-4, rtol=0)
+        assert (expected == 0).any()  # the map moves part of the image out: padding is compared
+
+
+def test_the_fused_warp_takes_opencv_only_where_it_samples_exactly(monkeypatch):
+    from hlss.data.augment import _WARP
+
+    theta = torch.tensor([[[0.9, 0.2, 0.1], [-0.2, 0.9, -0.1]]])
+    pixel = torch.tensor([[[0.9, 0.2, 3.0], [-0.2, 0.9, 1.0]]], dtype=torch.float64)
+    x = torch.rand(1, 3, 12, 12)
+    calls = []
+    monkeypatch.setattr(augment_cpu, "warp_bilinear", lambda *a: calls.append(1) or x)
+    for exact in (False, True):
+        monkeypatch.setattr(augment_cpu, "exact_warp", lambda exact=exact: exact)
+        _WARP.cpu(None, x, {"theta": theta, "pixel": pixel})
+    assert calls == [1]

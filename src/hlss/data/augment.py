@@ -538,7 +538,15 @@ def _warp(op: nn.Module | None, x: torch.Tensor, args: dict) -> torch.Tensor:
     return F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=True)
 
 
-_WARP = _Kernel(_no_args, _warp, in_place=False)
+def _warp_cpu(op: nn.Module | None, x: torch.Tensor, args: dict) -> torch.Tensor:
+    if "pixel" not in args or not augment_cpu.exact_warp():
+        return _warp(op, x, args)
+    return augment_cpu.warp_bilinear(op, x, args)
+
+
+_WARP = _Kernel(_no_args, _warp, in_place=False, cpu=_warp_cpu)
+"""A fused run of flips/affine/crop: ``args["theta"]`` for ``grid_sample``; on the CPU, OpenCV's
+``warpAffine`` with the same map in pixels, ``args["pixel"]``."""
 
 
 def _fusable(step: tuple) -> bool:
@@ -562,17 +570,13 @@ def _move_flips(steps: list) -> list:
 def _fuse_geometry(steps: list, height: int, width: int) -> list:
     """An image's steps with each run of flips/affine/crop (holding an affine or crop) replaced
     by one warp step ``(None, _WARP, {"theta": [1, 2, 3]}, 0)``; other steps as they were."""
-    if len(steps) < 2 or not any(type(step[0]) in _WARPS for step in steps):
+    if not any(type(step[0]) in _WARPS for step in steps):
         return steps
     steps, fused, run = _move_flips(steps), [], []
 
     def close_run() -> None:
         maps = [_pixel_map(step, height, width) for step in run]
-        if (
-            len(run) < 2
-            or not any(type(s[0]) in _WARPS for s in run)
-            or any(m is None for m in maps)
-        ):
+        if not any(type(s[0]) in _WARPS for s in run) or any(m is None for m in maps):
             fused.extend(run)
         else:
             total = np.eye(3)
@@ -581,7 +585,11 @@ def _fuse_geometry(steps: list, height: int, width: int) -> list:
             unit, inverse = _unit_maps(height, width, True)
             theta = (unit @ total @ inverse)[:2]
             like = next(step[2]["theta"] for step in run if type(step[0]) in _WARPS)
-            fused.append((None, _WARP, {"theta": torch.as_tensor(theta[None]).to(like)}, 0))
+            args = {
+                "theta": torch.as_tensor(theta[None]).to(like),
+                "pixel": torch.as_tensor(total[None, :2]),  # float64, for OpenCV
+            }
+            fused.append((None, _WARP, args, 0))
         run.clear()
 
     for step in steps:
