@@ -374,3 +374,16 @@ def test_patches_of_different_sizes_in_one_patient_are_one_data_error(tmp_path):
     with pytest.raises(DataError, match=r"P1: patches of different sizes .*dataset.transform.size"):
         ds[(0, 0)]
     assert ds[(1, 0)]["image"].shape == (1, 2, 2, 2, SIZE, SIZE)
+
+
+def test_a_base_transform_writing_into_the_item_gives_what_a_plain_transform_gives(table):
+    from hlss.data.transforms import BaseTransform
+
+    base = BaseTransform("srh")  # keeps the row each test patch encodes
+    direct = HierarchicalDataset(table, 2, 3, 2, transform=base)
+    copied = HierarchicalDataset(table, 2, 3, 2, transform=lambda raw: base(raw))
+    assert hasattr(direct.transform, "into") and not hasattr(copied.transform, "into")
+    for key in [(0, 1), (2, 7), (4, 3)]:
+        a, b = direct[key], copied[key]
+        assert a["image"].shape == b["image"].shape == (2, 3, 2, 3, SIZE, SIZE)
+        assert torch.equal(a["image"], b["image"]) and torch.equal(a["patch"], b["patch"])

@@ -104,3 +104,50 @@ def test_srh_base_equals_the_plain_formula_bit_for_bit():
     out = srh_base(raw)
     assert out.dtype == torch.float32 and out.is_contiguous()
     assert torch.equal(out, expected)
+
+
+@pytest.mark.parametrize("modality", ["srh", "he"])
+@pytest.mark.parametrize(
+    "options",
+    [
+        {},
+        {"standardize": True},
+        {"size": 24},
+        {"size": 24, "standardize": True},
+        {"size": 16},
+        {"size": 16, "resize": True},
+        {"size": 40},
+    ],
+)
+def test_into_writes_what_a_call_returns(modality, options):
+    rng = np.random.default_rng(3)
+    if modality == "srh":
+        raw = rng.integers(0, 30000, (2, 24, 24), dtype=np.uint16)
+    else:
+        raw = rng.integers(0, 256, (3, 24, 24), dtype=np.uint8)
+    raw[..., 0] = 0  # a constant column keeps a quantile exact
+    transform = BaseTransform(modality, **options)
+    expected = transform(raw)
+    assert transform.output_shape(raw) == tuple(expected.shape)
+    out = torch.full(expected.shape, float("nan"))
+    assert transform.into(raw, out) is out
+    assert torch.equal(out, expected)
+
+
+def test_into_refuses_an_output_of_another_shape_or_dtype():
+    raw = np.zeros((2, 8, 8), dtype=np.uint16)
+    for out in (torch.empty(3, 8, 9), torch.empty(3, 8, 8, dtype=torch.float64)):
+        with pytest.raises(ValueError, match="contiguous float32 tensor of shape"):
+            BaseTransform("srh").into(raw, out)
+
+
+def test_standardize_in_place_gives_the_copying_version_and_zeroes_a_constant_channel():
+    from hlss.data.transforms import standardize_intensity, standardize_intensity_
+
+    x = torch.rand(3, 20, 20)
+    x[1] = 0.25
+    expected = standardize_intensity(x)
+    assert not torch.equal(expected, x)
+    y = x.clone()
+    assert standardize_intensity_(y) is y
+    assert torch.equal(y, expected) and torch.equal(y[1], torch.zeros(20, 20))

@@ -154,24 +154,23 @@ class HierarchicalDataset(Dataset):
         """Class index per patient (what the sampler balances on)."""
         return self.index.labels
 
-    def _load(self, row: int) -> torch.Tensor:
+    def _load(self, row: int) -> np.ndarray:
+        """The checked raw patch of ``row`` (the base transform is applied by the caller)."""
         path = str(self.paths[row])
         if path in self.bad_paths:
             raise BadPatchError(path, "known bad file")
         try:
-            return self.transform(load_patch(path, self.modality))
+            return load_patch(path, self.modality)
         except BadPatchError as err:
             self.bad_paths.add(path)
             if self.on_bad_file == "skip":
                 log.warning("skipping bad patch %s", err)
             raise
 
-    def _load_with_fallback(
-        self, patient: int, slide_pos: int, row: int
-    ) -> tuple[torch.Tensor, int]:
+    def _load_with_fallback(self, patient: int, slide_pos: int, row: int) -> tuple[np.ndarray, int]:
         """Load ``row``; on a bad file try the patient's other patches (same slide first).
 
-        Returns the image and the number of bad files met. Every candidate is tried at most
+        Returns the raw patch and the number of bad files met. Every candidate is tried at most
         once, so this ends; when none is readable the patient is reported. With
         ``on_bad_file="fail"`` the first bad file raises :class:`BadPatchError`.
         """
@@ -200,24 +199,17 @@ class HierarchicalDataset(Dataset):
         rng = np.random.default_rng(int(draw_seed))
         slide_rows = self.index.rows[patient]
         slide_pick = _cyclic_choice(rng, len(slide_rows), self.S)
-        image, patch_rows, bad = None, np.empty((self.S, self.N), dtype=np.int64), 0
+        image = _PatientImage(self.transform, self.S, self.N, self.index.patients[patient])
+        patch_rows, bad = np.empty((self.S, self.N), dtype=np.int64), 0
         for s, slide_pos in enumerate(slide_pick):
             rows = slide_rows[slide_pos]
             picks = rows[_cyclic_choice(rng, len(rows), self.N)]
             for n, row in enumerate(picks):
-                img, n_bad = self._load_with_fallback(patient, int(slide_pos), int(row))
+                raw, n_bad = self._load_with_fallback(patient, int(slide_pos), int(row))
                 bad += n_bad
                 patch_rows[s, n] = row
-                if image is None:  # [S, N, C, H, W], each patch copied in once
-                    image = img.new_empty((self.S, self.N, *img.shape))
-                elif img.shape != image.shape[2:]:
-                    raise DataError(
-                        f"patient {self.index.patients[patient]}: patches of different sizes "
-                        f"({tuple(image.shape[2:])} and {tuple(img.shape)}); set dataset.transform.size "
-                        "so that the base transform crops them alike"
-                    )
-                image[s, n] = img
-        image = image.unsqueeze(2).expand(-1, -1, self.T, -1, -1, -1)
+                image.put(s, n, raw)
+        image = image.tensor.unsqueeze(2).expand(-1, -1, self.T, -1, -1, -1)
         return {
             "image": image,
             "label": torch.tensor(int(self.index.labels[patient])),
@@ -226,6 +218,39 @@ class HierarchicalDataset(Dataset):
             "patch": torch.from_numpy(patch_rows),
             "bad": torch.tensor(bad),
         }
+
+
+class _PatientImage:
+    """An item's ``[S, N, C, H, W]`` image, filled one transformed patch at a time: a base
+    transform with ``into`` (:class:`hlss.data.transforms.BaseTransform`) writes each patch
+    straight into it; any other transform's output is copied in."""
+
+    def __init__(self, transform: Callable, slides: int, patches: int, patient: str):
+        self.transform, self.shape, self.patient = transform, (slides, patches), patient
+        self.tensor: torch.Tensor | None = None
+
+    def _check(self, shape: tuple[int, ...]) -> None:
+        if shape != tuple(self.tensor.shape[2:]):
+            raise DataError(
+                f"patient {self.patient}: patches of different sizes "
+                f"({tuple(self.tensor.shape[2:])} and {shape}); set dataset.transform.size "
+                "so that the base transform crops them alike"
+            )
+
+    def put(self, slide: int, patch: int, raw: np.ndarray) -> None:
+        into = getattr(self.transform, "into", None)
+        if into is not None:
+            shape = tuple(self.transform.output_shape(raw))
+            if self.tensor is None:
+                self.tensor = torch.empty((*self.shape, *shape), dtype=torch.float32)
+            self._check(shape)
+            into(raw, self.tensor[slide, patch])
+            return
+        img = self.transform(raw)
+        if self.tensor is None:
+            self.tensor = img.new_empty((*self.shape, *img.shape))
+        self._check(tuple(img.shape))
+        self.tensor[slide, patch] = img
 
 
 def collate_patients(items: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:

@@ -19,7 +19,14 @@ import torch.nn.functional as F
 
 from hlss.errors import ConfigError, DataError
 
-__all__ = ["MODALITIES", "BaseTransform", "he_base", "srh_base"]
+__all__ = [
+    "MODALITIES",
+    "BaseTransform",
+    "he_base",
+    "srh_base",
+    "standardize_intensity",
+    "standardize_intensity_",
+]
 
 SRH_SCALE = 65536.0
 SRH_OFFSET = 5000.0 / SRH_SCALE
@@ -40,11 +47,26 @@ def _check_raw(arr: np.ndarray, channels: int, dtype: np.dtype, what: str) -> No
         )
 
 
-def srh_base(raw: np.ndarray | torch.Tensor) -> torch.Tensor:
+def _output_array(out: torch.Tensor | None, shape: tuple[int, ...]) -> np.ndarray:
+    """``out`` as a numpy array to write into (it must be a contiguous float32 CPU tensor of
+    ``shape``), or a new array."""
+    if out is None:
+        return np.empty(shape, dtype=np.float32)
+    if tuple(out.shape) != shape or out.dtype != torch.float32 or not out.is_contiguous():
+        raise ValueError(
+            f"out must be a contiguous float32 tensor of shape {shape}; "
+            f"got {out.dtype} {tuple(out.shape)}"
+        )
+    return out.numpy()
+
+
+def srh_base(raw: np.ndarray | torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
     """Map a raw SRH patch to a 3-channel float image.
 
     Args:
         raw: ``uint16`` array ``(2, H, W)``; channel 0 = CH2, channel 1 = CH3.
+        out: optional contiguous ``float32`` CPU tensor ``(3, H, W)`` to write the image into
+            (and return); ``ValueError`` if it is not one.
 
     Returns:
         ``float32`` tensor ``(3, H, W)``: ``[CH3 - CH2 + 5000/65536, CH2, CH3]`` after dividing
@@ -59,20 +81,21 @@ def srh_base(raw: np.ndarray | torch.Tensor) -> torch.Tensor:
     # numpy, single-threaded, one output buffer: CH2 and CH3 scaled straight into channels 1-2
     # (uint16 -> float32 and the division by 2^16 are exact; both stay in [0, 1)), then
     # channel 0 from them; only channel 0 can leave [0, 1]. Same values as the plain formula.
-    out = np.empty((3, *arr.shape[1:]), dtype=np.float32)
-    np.multiply(arr, np.float32(1.0 / SRH_SCALE), out=out[1:], dtype=np.float32)
-    diff = out[0]
-    np.subtract(out[2], out[1], out=diff)
+    dst = _output_array(out, (3, *arr.shape[1:]))
+    np.multiply(arr, np.float32(1.0 / SRH_SCALE), out=dst[1:], dtype=np.float32)
+    diff = dst[0]
+    np.subtract(dst[2], dst[1], out=diff)
     diff += np.float32(SRH_OFFSET)
     np.clip(diff, 0.0, 1.0, out=diff)
-    return torch.from_numpy(out)
+    return torch.from_numpy(dst) if out is None else out
 
 
-def he_base(raw: np.ndarray | torch.Tensor) -> torch.Tensor:
+def he_base(raw: np.ndarray | torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
     """Map a raw 8-bit H&E patch to a float image.
 
     Args:
         raw: ``uint8`` array ``(3, H, W)`` (RGB).
+        out: optional contiguous ``float32`` CPU tensor ``(3, H, W)`` to write into (and return).
 
     Returns:
         ``float32`` tensor ``(3, H, W)`` equal to ``raw / 255`` (values in ``[0, 1]``).
@@ -82,7 +105,9 @@ def he_base(raw: np.ndarray | torch.Tensor) -> torch.Tensor:
     """
     arr = _as_numpy(raw)
     _check_raw(arr, 3, np.dtype(np.uint8), "H&E")
-    return torch.from_numpy(arr.astype(np.float32)) / HE_SCALE
+    dst = _output_array(out, arr.shape)
+    np.divide(arr, np.float32(HE_SCALE), out=dst, dtype=np.float32)  # float32 division
+    return torch.from_numpy(dst) if out is None else out
 
 
 MODALITIES = {"srh": srh_base, "he": he_base}
@@ -121,11 +146,17 @@ def standardize_intensity(x: torch.Tensor, low: float = 0.01, high: float = 0.99
     acquisitions apart by brightness; the price is that absolute intensities and the balance of
     the channels are no longer seen. A constant channel becomes 0.
     """
+    return standardize_intensity_(x.clone(), low, high)
+
+
+def standardize_intensity_(x: torch.Tensor, low: float = 0.01, high: float = 0.99) -> torch.Tensor:
+    """:func:`standardize_intensity` in place (the same values); returns ``x``."""
     flat = x.reshape(x.shape[0], -1)
     q = torch.quantile(flat, torch.tensor([low, high], dtype=x.dtype), dim=1)  # [2, C]
     lo, span = q[0][:, None, None], (q[1] - q[0])[:, None, None]
-    out = torch.where(span > 1e-6, (x - lo) / span.clamp_min(1e-6), torch.zeros_like(x))
-    return out.clamp_(0.0, 1.0)
+    x.sub_(lo).div_(span.clamp_min(1e-6))
+    x[(span <= 1e-6).flatten()] = 0.0  # a constant channel
+    return x.clamp_(0.0, 1.0)
 
 
 class BaseTransform:
@@ -181,6 +212,27 @@ class BaseTransform:
         if self.size is not None:
             x = _resize(x, self.size) if self.resize else _center_crop_or_resize(x, self.size)
         return x
+
+    def output_shape(self, raw: np.ndarray | torch.Tensor) -> tuple[int, int, int]:
+        """The shape of ``self(raw)`` for a channel-first raw patch, without computing it."""
+        if self.size is not None:
+            return (3, self.size, self.size)
+        return (3, int(raw.shape[-2]), int(raw.shape[-1]))
+
+    def into(self, raw: np.ndarray | torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        """``self(raw)`` written into ``out`` (a contiguous ``float32`` CPU tensor of
+        :meth:`output_shape`), which is returned: the same values. Where no crop or resize is
+        needed the image is made in ``out`` itself (a data loader then copies each patch once).
+
+        Raises:
+            DataError: as a call; ValueError: ``out`` of another shape or dtype.
+        """
+        if self.size is None or tuple(raw.shape[-2:]) == (self.size, self.size):
+            MODALITIES[self.modality](raw, out=out)
+            return standardize_intensity_(out) if self.standardize else out
+        image = self(raw)
+        _output_array(out, tuple(image.shape))  # checks out
+        return out.copy_(image)
 
     def __repr__(self) -> str:
         return (
