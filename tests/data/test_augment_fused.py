@@ -189,3 +189,12 @@ def test_solarize_at_the_threshold_inverts_like_kornia():
 def test_bad_thread_count_is_refused(threads):
     with pytest.raises(ConfigError, match="threads"):
         BatchAugment([], threads=threads)
+
+
+def test_a_single_image_without_leading_dimensions_is_augmented_like_a_batch_of_one():
+    x = torch.rand(3, 24, 24)
+    torch.manual_seed(4)
+    single = _hidisc()(x)
+    torch.manual_seed(4)
+    batch = _hidisc()(x[None])
+    assert single.shape == x.shape and torch.equal(single, batch[0])

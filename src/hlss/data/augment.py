@@ -511,13 +511,21 @@ def _unit_maps(height: int, width: int, align: bool) -> tuple[np.ndarray, np.nda
     return unit, inverse
 
 
-def _pixel_map(step: tuple, height: int, width: int) -> np.ndarray | None:
-    """A geometric step's output -> input pixel map (3 x 3); None: not fusable."""
-    op, _, args, j = step
-    if isinstance(op, K.RandomHorizontalFlip):
-        return np.array([[-1.0, 0.0, width - 1.0], [0.0, 1.0, 0.0], [0.0, 0.0, 1.0]])
-    if isinstance(op, K.RandomVerticalFlip):
-        return np.array([[1.0, 0.0, 0.0], [0.0, -1.0, height - 1.0], [0.0, 0.0, 1.0]])
+@functools.lru_cache(maxsize=64)
+def _flip_maps(height: int, width: int) -> tuple[np.ndarray, np.ndarray]:
+    """The horizontal and vertical flips' pixel maps (read-only)."""
+    maps = (
+        np.array([[-1.0, 0.0, width - 1.0], [0.0, 1.0, 0.0], [0.0, 0.0, 1.0]]),
+        np.array([[1.0, 0.0, 0.0], [0.0, -1.0, height - 1.0], [0.0, 0.0, 1.0]]),
+    )
+    for m in maps:
+        m.flags.writeable = False
+    return maps
+
+
+def _warp_maps(op: nn.Module, args: dict, height: int, width: int) -> np.ndarray | None:
+    """The output -> input pixel maps ``[m, 3, 3]`` of an affine/crop draw's images; None: not
+    fusable (another resampling or padding)."""
     if op.flags["resample"].name.lower() != "bilinear":
         return None
     if isinstance(op, K.RandomAffine):
@@ -526,10 +534,23 @@ def _pixel_map(step: tuple, height: int, width: int) -> np.ndarray | None:
         align = bool(op.flags["align_corners"])
     else:
         align = True
-    theta = np.eye(3)
-    theta[:2] = args["theta"][j].double().cpu().numpy()
+    theta = args["theta"].double().cpu().numpy()
+    full = np.zeros((theta.shape[0], 3, 3))
+    full[:, :2], full[:, 2, 2] = theta, 1.0
     unit, inverse = _unit_maps(height, width, align)
-    return inverse @ theta @ unit
+    return inverse @ full @ unit
+
+
+def _pixel_map(step: tuple, height: int, width: int) -> np.ndarray | None:
+    """A geometric step's output -> input pixel map (3 x 3); None: not fusable. An affine/crop
+    step's args may carry its draw's maps already (``"pixel_maps"``, see :meth:`BatchAugment`)."""
+    op, _, args, j = step
+    if isinstance(op, K.RandomHorizontalFlip):
+        return _flip_maps(height, width)[0]
+    if isinstance(op, K.RandomVerticalFlip):
+        return _flip_maps(height, width)[1]
+    maps = args["pixel_maps"] if "pixel_maps" in args else _warp_maps(op, args, height, width)
+    return None if maps is None else maps[j]
 
 
 def _warp(op: nn.Module | None, x: torch.Tensor, args: dict) -> torch.Tensor:
@@ -879,14 +900,23 @@ class BatchAugment(nn.Module):
         n = like.shape[0]
         out = self._outputs.take(like.shape, work_dtype, like.device)
         lead = tuple(x.shape[:-3])
+        height, width = int(like.shape[-2]), int(like.shape[-1])
+        # image i's position in x's leading dimensions, as plain ints (fast to index with)
+        where = (
+            [tuple(c) for c in np.stack(np.unravel_index(np.arange(n), lead), 1).tolist()]
+            if lead
+            else []
+        )
         plan: list[list[tuple[nn.Module, _Kernel, dict, int]]] = [[] for _ in range(n)]
         for op, draw in zip(ops, draws, strict=True):
             if draw is None:
                 continue
-            kernel = _FAST[type(op)]
+            kernel, args = _FAST[type(op)], draw.args
+            if self.fuse_geometry and type(op) in _WARPS:  # every image's map at once
+                maps = _warp_maps(op, args, height, width)
+                args = args if maps is None else {**args, "pixel_maps": maps}
             for j, i in enumerate(draw.chosen.tolist()):
-                plan[i].append((op, kernel, draw.args, j))
-        height, width = int(like.shape[-2]), int(like.shape[-1])
+                plan[i].append((op, kernel, args, j))
 
         def run(first: int, stop: int) -> None:
             with torch.no_grad():  # grad mode is per thread
@@ -894,7 +924,7 @@ class BatchAugment(nn.Module):
                     steps = (
                         _fuse_geometry(plan[i], height, width) if self.fuse_geometry else plan[i]
                     )
-                    source = x[np.unravel_index(i, lead)] if lead else x
+                    source = x[where[i]] if lead else x
                     BatchAugment._one_image(out[i : i + 1], source[None], steps, self.opencv)
 
         threads = torch.get_num_threads()
