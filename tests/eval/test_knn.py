@@ -325,3 +325,46 @@ def test_bf16_structureless_votes_are_kept_with_a_warning(monkeypatch, caplog):
         scores = knn_scores(bank, labels, queries, c, k=200, backend="torch_bf16")
     assert "near-tied" in caplog.text
     np.testing.assert_allclose(scores.sum(1), 1.0, atol=1e-5)
+
+
+@pytest.mark.parametrize("temperature", [0.07, 0.005, 1.0])
+def test_torch_vote_equals_the_numpy_vote(temperature):
+    rng = np.random.default_rng(2)
+    sims = rng.uniform(-1, 1, (40, 25)).astype(np.float32)
+    labels = rng.integers(0, 6, (40, 25))
+    want = weighted_vote(sims, labels, 6, temperature)
+    got = knn.weighted_vote_torch(torch.from_numpy(sims), torch.from_numpy(labels), 6, temperature)
+    assert got.dtype == torch.float32 and got.shape == (40, 6)
+    np.testing.assert_allclose(got.numpy(), want, rtol=1e-6, atol=1e-7)
+    empty = knn.weighted_vote_torch(torch.zeros(0, 5), torch.zeros(0, 5, dtype=torch.int64), 6)
+    assert empty.shape == (0, 6)
+
+
+def test_torch_vote_errors():
+    s, lab = torch.zeros(3, 4), torch.zeros(3, 4, dtype=torch.int64)
+    with pytest.raises(ConfigError, match="temperature"):
+        knn.weighted_vote_torch(s, lab, 2, 0.0)
+    with pytest.raises(ValueError, match="share a shape"):
+        knn.weighted_vote_torch(s, lab[:, :3], 2)
+    with pytest.raises(ValueError, match="at least one neighbour"):
+        knn.weighted_vote_torch(torch.zeros(3, 0), torch.zeros(3, 0, dtype=torch.int64), 2)
+
+
+def test_the_device_path_searches_and_votes_on_the_device_in_batches():
+    """The GPU path of ``scores`` (search and vote kept on the index's device, only [b, C]
+    copied back), run here on the CPU: the scores of the CPU scan, batch by batch."""
+    bank, labels, queries, c = random_problem(n=800, m=70, d=16, c=4, seed=12)
+    index = KNNIndex(bank, labels, c, backend="torch", device="cpu")
+    want = index.scores(queries, k=20)
+    index._scan, index._bank = None, knn._normalise_torch(torch.from_numpy(bank))
+    got = index.scores(queries, k=20, batch_size=16)
+    np.testing.assert_allclose(got, want, atol=1e-6)
+    np.testing.assert_allclose(got, reference_scores(bank, labels, queries, c, 20, 0.07), atol=2e-5)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_scores_equal_the_cpu_scores():
+    bank, labels, queries, c = random_problem(n=3000, m=300, d=32, c=5, seed=13)
+    gpu = knn_scores(bank, labels, queries, c, k=50, backend="torch", device="cuda")
+    cpu = knn_scores(bank, labels, queries, c, k=50, backend="torch", device="cpu")
+    np.testing.assert_allclose(gpu, cpu, atol=1e-5)

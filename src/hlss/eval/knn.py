@@ -437,13 +437,7 @@ class KNNIndex:
             sims, idx = self._scan.topk(q, k)
             sims, idx = sims.numpy(), idx.numpy()
         elif self.backend == "torch":
-            qt = _normalise_torch(torch.as_tensor(q).to(self.device))
-            sims, idx = _blocked_topk(
-                self._bank,
-                qt,
-                k,
-                _TORCH_BLOCK_ELEMS.get(self.device.type, _TORCH_BLOCK_ELEMS["cpu"]),
-            )
+            sims, idx = self._device_topk(q, k)
             sims, idx = sims.cpu().numpy(), idx.cpu().numpy()
         else:
             qn = _normalise_np(_to_numpy(q))
@@ -459,6 +453,15 @@ class KNNIndex:
                 raise
             sims, idx = np.asarray(sims, np.float32), np.asarray(idx, np.int64)
         return _sort_neighbours(sims, idx) if sort else (sims, idx)
+
+    def _device_topk(
+        self, q: np.ndarray | torch.Tensor, k: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Top-``k`` of one query batch on the ``torch`` backend's device (a GPU): unsorted
+        ``(sims [b, k], idx [b, k])`` left there."""
+        qt = _normalise_torch(torch.as_tensor(q).to(self.device))
+        block = _TORCH_BLOCK_ELEMS.get(self.device.type, _TORCH_BLOCK_ELEMS["cpu"])
+        return _blocked_topk(self._bank, qt, k, block)
 
     def search(
         self, queries: np.ndarray | torch.Tensor, k: int = 200, batch_size: int = 4096
@@ -514,12 +517,21 @@ class KNNIndex:
         queries = self._check_queries(queries)
         m = int(queries.shape[0])
         out = np.empty((m, self.num_classes), np.float32)
+        on_device = self._scan is None and self.backend == "torch"  # the GPU path
+        if on_device:
+            labels = torch.as_tensor(self.labels, device=self.device)
         with Progress(m, f"kNN search (k={k})", "queries") as progress:
             for start in range(0, m, batch_size):
-                s, i = self._search_batch(queries[start : start + batch_size], k, sort=False)
-                out[start : start + len(s)] = weighted_vote(
-                    s, self.labels[i], self.num_classes, temperature
-                )
+                batch = queries[start : start + batch_size]
+                if on_device:  # search and vote stay on the device; only [b, C] comes back
+                    s, i = self._device_topk(batch, k)
+                    votes = weighted_vote_torch(s, labels[i], self.num_classes, temperature)
+                    out[start : start + len(s)] = votes.cpu().numpy()
+                else:
+                    s, i = self._search_batch(batch, k, sort=False)
+                    out[start : start + len(s)] = weighted_vote(
+                        s, self.labels[i], self.num_classes, temperature
+                    )
                 progress.update(len(s))
         if self._source is not None and len(out) and self.num_classes > 1:
             self._refine_contested(out, queries, k, temperature)
@@ -615,6 +627,40 @@ def weighted_vote(
     votes = votes.reshape(m, num_classes)
     votes /= votes.sum(axis=1, keepdims=True)
     return votes.astype(np.float32)
+
+
+def weighted_vote_torch(
+    sims: torch.Tensor, neighbour_labels: torch.Tensor, num_classes: int, temperature: float = 0.07
+) -> torch.Tensor:
+    """:func:`weighted_vote` on tensors, computed where they are (a GPU keeps the vote on the
+    device): the same formula in float64.
+
+    Args:
+        sims: ``[m, k]`` float tensor; neighbour_labels: ``[m, k]`` integer tensor in
+            ``[0, num_classes)`` on the same device; num_classes: ``C``; temperature: ``T > 0``.
+
+    Returns:
+        ``[m, C]`` float32 tensor on that device, each row summing to 1.
+
+    Raises:
+        ConfigError: ``temperature`` is not positive.
+        ValueError: shapes disagree or ``k == 0`` with ``m > 0`` (labels are not range-checked
+            here: they come from an index that checked them).
+    """
+    _check_temperature(temperature)
+    if sims.ndim != 2 or sims.shape != neighbour_labels.shape:
+        raise ValueError(
+            "sims and neighbour_labels must share a shape [m, k], got "
+            f"{tuple(sims.shape)}, {tuple(neighbour_labels.shape)}"
+        )
+    m, k = sims.shape
+    if m and not k:
+        raise ValueError("weighted_vote needs at least one neighbour per query")
+    s = sims.to(torch.float64)
+    weights = torch.exp((s - s.amax(dim=1, keepdim=True)) / float(temperature)) if m else s
+    votes = torch.zeros(m, num_classes, dtype=torch.float64, device=sims.device)
+    votes.scatter_add_(1, neighbour_labels.to(torch.int64), weights)
+    return (votes / votes.sum(dim=1, keepdim=True)).to(torch.float32)
 
 
 def knn_search(
