@@ -29,7 +29,9 @@ probability ``p``; kornia draws the op's parameters per image).
 On the CPU, when every chosen op has a fast kernel (below), each image goes through all its ops in
 turn while it is in the cache, the images are shared out to ``torch.get_num_threads()`` threads
 (each op on one intra-op thread), an image's flips, affine and crop are sampled in one pass
-("fused geometry"), and the output batch memory is reused once the caller has dropped it.
+("fused geometry"), the output batch memory is reused once the caller has dropped it, and
+blur, sharpness, noise and the fused warp run as OpenCV kernels (:mod:`hlss.data.augment_cpu`;
+``opencv=False`` keeps torch's).
 
 Randomness comes from torch's global generators, on the device of the batch (the wrapper moves
 kornia's samplers to it); seed with ``torch.manual_seed`` for reproducible draws (on the CPU the
