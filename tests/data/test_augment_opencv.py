@@ -183,3 +183,11 @@ def test_the_fused_warp_takes_opencv_only_where_it_samples_exactly(monkeypatch):
         monkeypatch.setattr(augment_cpu, "exact_warp", lambda exact=exact: exact)
         _WARP.cpu(None, x, {"theta": theta, "pixel": pixel})
     assert calls == [1]
+
+
+def test_a_batch_that_requires_grad_is_augmented_by_the_torch_kernels():
+    x = torch.rand(4, 3, 24, 24, requires_grad=True)
+    assert not augment_cpu.usable(x) and augment_cpu.usable(x.detach())
+    torch.manual_seed(0)
+    y = instantiate(OmegaConf.load(CONF_DIR / "hidisc.yaml"), p=1.0)(x)
+    assert y.shape == x.shape and not y.requires_grad

@@ -65,8 +65,11 @@ def exact_warp() -> bool:
 
 
 def usable(x: torch.Tensor) -> bool:
-    """Whether these kernels can compute on ``x``: ``float32`` on the CPU, OpenCV importable."""
-    return x.device.type == "cpu" and x.dtype == torch.float32 and available()
+    """Whether these kernels can compute on ``x``: ``float32`` on the CPU, not requiring a
+    gradient (numpy cannot view it), OpenCV importable."""
+    return (
+        x.device.type == "cpu" and x.dtype == torch.float32 and not x.requires_grad and available()
+    )
 
 
 @contextlib.contextmanager
