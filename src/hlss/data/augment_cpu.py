@@ -3,9 +3,9 @@
 The torch kernels of :mod:`hlss.data.augment` make one pass over an image per tensor operation
 (a 5-tap separable blur is a dozen passes; a normal draw runs torch's scalar Mersenne
 twister). On the CPU, for ``float32`` images, these functions compute the same ops with OpenCV's
-vectorised filters, thresholds and random-number generator instead (single 300-px image, one
-thread, this project's 2-core machine: blur 1.2 -> 0.2 ms, sharpness 0.7-1.9 -> 0.5 ms, noise
-1.1-1.8 -> 0.8 ms, the fused geometric warp 0.9 -> 0.6 ms).
+vectorised filters, warp and random-number generator instead (single 300-px image, one thread,
+this project's 2-core machine: blur 1.2 -> 0.2-0.4 ms, sharpness 0.7-1.9 -> 0.5 ms, noise
+1.1-1.8 -> 0.7-1.1 ms, the fused geometric warp 0.9 -> 0.6 ms).
 
 Each function has the signature of the torch kernel it stands in for, ``(op, x, args)`` with
 ``x`` ``[n, C, H, W]`` ``float32`` on the CPU (:func:`usable` says when), and returns what it
