@@ -32,6 +32,9 @@ OPS = {
     "sharpness": lambda: K.RandomSharpness(sharpness=[0.5, 10.0], p=1.0),
     "blur5": lambda: K.RandomGaussianBlur(kernel_size=[5, 5], sigma=[0.1, 2.0], p=1.0),
     "blur3x7": lambda: K.RandomGaussianBlur(kernel_size=[3, 7], sigma=[1.0, 1.0], p=1.0),
+    "blur_replicate": lambda: K.RandomGaussianBlur(
+        kernel_size=[5, 5], sigma=[0.5, 1.5], border_type="replicate", p=1.0
+    ),
     "affine": lambda: K.RandomAffine(degrees=10.0, translate=[0.1, 0.3], p=1.0),
     "affine_full": lambda: K.RandomAffine(
         degrees=30.0, translate=[0.2, 0.2], scale=[0.8, 1.2], shear=10.0, p=1.0
@@ -48,8 +51,14 @@ def _images(n: int = 6, height: int = 23, width: int = 31, seed: int = 0) -> tor
     return torch.rand(n, 3, height, width, generator=gen) * 1.2 - 0.1  # a little outside [0, 1]
 
 
-@pytest.mark.parametrize("name", sorted(OPS))
-def test_fast_kernel_equals_kornia_for_the_same_parameters(name):
+# every fast kernel's torch version ("apply"), and its OpenCV version ("cpu") where it has one
+KERNELS = [(name, "apply") for name in sorted(OPS)] + [
+    (name, "cpu") for name in sorted(OPS) if _FAST[type(OPS[name]())].cpu is not None
+]
+
+
+@pytest.mark.parametrize(("name", "version"), KERNELS)
+def test_fast_kernel_equals_kornia_for_the_same_parameters(name, version):
     op = OPS[name]()
     assert type(op) in _FAST
     torch.manual_seed(0)
@@ -59,9 +68,12 @@ def test_fast_kernel_equals_kornia_for_the_same_parameters(name):
     kernel = _FAST[type(op)]
     args = kernel.prepare(op, params, x)
     assert args is not None
-    got = kernel.apply(op, x.clone(), args)
+    before = x.clone()
+    got = getattr(kernel, version)(op, x, args)
     assert got is not None and got.shape == expected.shape
     torch.testing.assert_close(got, expected, atol=2e-5, rtol=1e-5)
+    if not kernel.in_place:
+        assert torch.equal(x, before)
 
 
 def test_noise_kernel_adds_noise_of_each_image_std():
