@@ -57,3 +57,11 @@ def test_a_broken_tiff_is_one_bad_patch_error_naming_the_file(tmp_path, damage):
     path.write_bytes(data[: len(data) // 3] if damage == "truncated" else b"II*\x00" + b"\x07" * 64)
     with pytest.raises(BadPatchError, match=r"p\.tif"):
         load_patch(str(path), "srh")
+
+
+def test_without_imagecodecs_tifffile_reads_every_patch(tmp_path, monkeypatch):
+    path = str(tmp_path / "p.tif")
+    tifffile.imwrite(path, SRH)
+    monkeypatch.setattr(patch_io, "_tiff_decode", lambda: None)
+    assert patch_io._decode_tiff_libtiff(path) is None
+    np.testing.assert_array_equal(read_patch(path), SRH)
