@@ -16,6 +16,7 @@ from omegaconf import OmegaConf
 import hlss
 from hlss.data import augment_cpu
 from hlss.data.augment import _FAST, BatchAugment, RandomGaussianNoiseStd, _compute
+from hlss.errors import ConfigError
 from tests.data.test_augment_fast import KERNELS, OPS, _images
 
 CONF_DIR = Path(hlss.__file__).parent / "conf" / "augment"
@@ -164,3 +165,9 @@ def test_a_batch_that_requires_grad_is_augmented_by_the_torch_kernels():
     torch.manual_seed(0)
     y = instantiate(OmegaConf.load(CONF_DIR / "hidisc.yaml"), p=1.0)(x)
     assert y.shape == x.shape and not y.requires_grad
+
+
+@pytest.mark.parametrize("value", ["no", 1, None])
+def test_opencv_must_be_a_bool(value):
+    with pytest.raises(ConfigError, match="opencv must be true or false"):
+        BatchAugment([], opencv=value)

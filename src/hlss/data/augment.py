@@ -766,9 +766,10 @@ class BatchAugment(nn.Module):
     training step that drops its batch frees it), so a result is never overwritten.
 
     Raises:
-        ConfigError: ``p`` or an op's ``p`` is not in ``[0, 1]``, an op is not a kornia
-            augmentation, or an op fails on a small 3-channel test batch (e.g. an even blur
-            kernel, which kornia checks only when it runs); one line naming the op.
+        ConfigError: ``p`` or an op's ``p`` is not in ``[0, 1]``, ``opencv`` is not a bool,
+            an op is not a kornia augmentation, or an op fails on a small 3-channel test batch
+            (e.g. an even blur kernel, which kornia checks only when it runs); one line naming
+            the op.
 
     Forward:
         ``x``: floating tensor ``[..., C, H, W]`` with values in ``[0, 1]`` (e.g. a hierarchy
@@ -808,7 +809,9 @@ class BatchAugment(nn.Module):
                 f"augment: threads must be a positive integer or null; got {threads!r}"
             )
         self.threads = threads
-        self.opencv = bool(opencv)
+        if not isinstance(opencv, bool):
+            raise ConfigError(f"augment: opencv must be true or false; got {opencv!r}")
+        self.opencv = opencv
         self._rng_device = torch.device("cpu")
         self._outputs = _OutputBuffers()
         self._threads = _ImageThreads()
