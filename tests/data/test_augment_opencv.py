@@ -22,11 +22,12 @@ from tests.data.test_augment_fast import KERNELS, OPS, _images
 CONF_DIR = Path(hlss.__file__).parent / "conf" / "augment"
 
 
-def test_the_ops_with_an_opencv_kernel_are_blur_sharpness_and_noise():
+def test_the_ops_with_an_opencv_kernel_are_flips_blur_sharpness_and_noise():
     """``tests/data/test_augment_fast.py`` compares each OpenCV kernel with kornia (``KERNELS``);
     the noise, whose draws differ, is checked below."""
     with_cpu = {cls for cls, kernel in _FAST.items() if kernel.cpu is not None}
-    assert with_cpu == {K.RandomSharpness, K.RandomGaussianBlur, RandomGaussianNoiseStd}
+    flips = {K.RandomHorizontalFlip, K.RandomVerticalFlip}
+    assert with_cpu == {K.RandomSharpness, K.RandomGaussianBlur, RandomGaussianNoiseStd, *flips}
     compared = {type(OPS[name]()) for name, version in KERNELS if version == "cpu"}
     assert compared == with_cpu - {RandomGaussianNoiseStd}
 
@@ -152,7 +153,7 @@ def test_the_fused_warp_takes_opencv_only_where_it_samples_exactly(monkeypatch):
     pixel = torch.tensor([[[0.9, 0.2, 3.0], [-0.2, 0.9, 1.0]]], dtype=torch.float64)
     x = torch.rand(1, 3, 12, 12)
     calls = []
-    monkeypatch.setattr(augment_cpu, "warp_bilinear", lambda *a: calls.append(1) or x)
+    monkeypatch.setattr(augment_cpu, "warp_bilinear", lambda *a, **k: calls.append(1) or x)
     for exact in (False, True):
         monkeypatch.setattr(augment_cpu, "exact_warp", lambda exact=exact: exact)
         _WARP.cpu(None, x, {"theta": theta, "pixel": pixel})
@@ -171,3 +172,51 @@ def test_a_batch_that_requires_grad_is_augmented_by_the_torch_kernels():
 def test_opencv_must_be_a_bool(value):
     with pytest.raises(ConfigError, match="opencv must be true or false"):
         BatchAugment([], opencv=value)
+
+
+OUT_KERNELS = sorted(name for name in OPS if _FAST[type(OPS[name]())].cpu_out)
+
+
+@pytest.mark.parametrize("name", OUT_KERNELS)
+def test_a_kernel_with_out_writes_its_result_there_and_refuses_its_own_input(name):
+    op = OPS[name]()
+    torch.manual_seed(0)
+    x = _images()
+    kernel = _FAST[type(op)]
+    args = kernel.prepare(op, op.forward_parameters(x.shape), x)
+    out = torch.full_like(x, -5.0)
+    assert kernel.cpu(op, x, args, out=out) is out
+    torch.testing.assert_close(out, kernel.cpu(op, x, args), atol=0, rtol=0)
+    with pytest.raises(ValueError, match="out must be"):
+        kernel.cpu(op, x, args, out=x)
+    with pytest.raises(ValueError, match="out must be"):
+        kernel.cpu(op, x, args, out=x[:1].clone())
+
+
+def test_opencv_flips_and_blur_take_out():
+    assert {"blur5", "hflip", "vflip"} <= set(OUT_KERNELS)
+
+
+def test_sharpness_filtered_in_place_on_a_full_size_patch_equals_kornia():
+    """The OpenCV sharpness filters each plane in place; on a 300-px patch (many filter rows)
+    that is kornia's blend."""
+    op = K.RandomSharpness(sharpness=[0.5, 4.0], p=1.0)
+    torch.manual_seed(0)
+    x = torch.rand(2, 3, 300, 300) * 1.2 - 0.1
+    params = op.forward_parameters(x.shape)
+    expected = op(x.clone(), params=params)
+    kernel = _FAST[type(op)]
+    got = kernel.cpu(op, x.clone(), kernel.prepare(op, params, x))
+    torch.testing.assert_close(got, expected, atol=2e-5, rtol=1e-5)
+
+
+def test_the_fused_warp_writes_into_out():
+    from hlss.data.augment import _WARP
+
+    theta = torch.tensor([[[0.9, 0.2, 0.1], [-0.2, 0.9, -0.1]]])
+    pixel = torch.tensor([[[0.9, 0.2, 3.0], [-0.2, 0.9, 1.0]]], dtype=torch.float64)
+    x = torch.rand(1, 3, 12, 12)
+    args = {"theta": theta, "pixel": pixel}
+    out = torch.full_like(x, -5.0)
+    assert _WARP.cpu(None, x, args, out=out) is out
+    torch.testing.assert_close(out, _WARP.cpu(None, x, args), atol=0, rtol=0)

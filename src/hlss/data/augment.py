@@ -29,8 +29,10 @@ probability ``p``; kornia draws the op's parameters per image).
 On the CPU, when every chosen op has a fast kernel (below), each image goes through all its ops in
 turn while it is in the cache, the images are shared out to ``torch.get_num_threads()`` threads
 (each op on one intra-op thread), an image's flips, affine and crop are sampled in one pass
-("fused geometry"), the output batch memory is reused once the caller has dropped it, and
-blur, sharpness, noise and the fused warp run as OpenCV kernels (:mod:`hlss.data.augment_cpu`;
+("fused geometry"), the output batch memory is reused once the caller has dropped it, a step
+that makes a new image (a warp, a blur, a flip) writes it straight into the output or into a
+spare buffer, chosen so that the last one lands in the output without a copy, and flips, blur,
+sharpness, noise and the fused warp run as OpenCV kernels (:mod:`hlss.data.augment_cpu`;
 ``opencv=False`` keeps torch's).
 
 Randomness comes from torch's global generators, on the device of the batch (the wrapper moves
@@ -432,39 +434,66 @@ def _erasing(op: nn.Module, x: torch.Tensor, args: dict) -> torch.Tensor:
     return x
 
 
-def _blur_cpu(op: nn.Module, x: torch.Tensor, args: dict) -> torch.Tensor:
+def _blur_cpu(
+    op: nn.Module, x: torch.Tensor, args: dict, out: torch.Tensor | None = None
+) -> torch.Tensor:
     if augment_cpu.blur_border(op) is None:  # a border OpenCV's filters do not have here
-        return _gaussian_blur(op, x, args)
-    return augment_cpu.gaussian_blur(op, x, args)
+        result = _gaussian_blur(op, x, args)
+        return result if out is None else out.copy_(result)
+    return augment_cpu.gaussian_blur(op, x, args, out=out)
 
 
 class _Kernel(NamedTuple):
     prepare: Callable[[nn.Module, dict, torch.Tensor], dict | None]
     apply: Callable[[nn.Module, torch.Tensor, dict], torch.Tensor]
     in_place: bool = True
-    """False: ``apply`` never writes into its input (it may be given the caller's batch)."""
-    cpu: Callable[[nn.Module, torch.Tensor, dict], torch.Tensor] | None = None
+    """True: ``apply`` (and ``cpu``) change their input and return it; False: they never write
+    into their input (it may be the caller's batch) and return a new tensor."""
+    cpu: Callable[..., torch.Tensor] | None = None
     """The same op with OpenCV (:mod:`hlss.data.augment_cpu`), for ``float32`` images on the CPU;
     None: ``apply`` runs there too."""
+    cpu_out: bool = False
+    """``cpu`` takes ``out=``, a tensor shaped like its input to write the result into (only
+    kernels that are not ``in_place``)."""
 
 
-def _compute(kernel: _Kernel, op: nn.Module, x: torch.Tensor, args: dict, opencv: bool = True):
+def _compute(
+    kernel: _Kernel,
+    op: nn.Module,
+    x: torch.Tensor,
+    args: dict,
+    opencv: bool = True,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
     """``kernel`` on images ``x`` with ``args``: its OpenCV version where ``opencv`` is set and
-    it can run (``float32`` on the CPU), the torch one otherwise."""
+    it can run (``float32`` on the CPU), the torch one otherwise. ``out`` (for a kernel that is
+    not ``in_place``; not ``x``): the result is written there and ``out`` returned."""
     if opencv and kernel.cpu is not None and augment_cpu.usable(x):
-        return kernel.cpu(op, x, args)
-    return kernel.apply(op, x, args)
+        if out is not None and kernel.cpu_out:
+            return kernel.cpu(op, x, args, out=out)
+        result = kernel.cpu(op, x, args)
+    else:
+        result = kernel.apply(op, x, args)
+    if out is None or result is out:
+        return result
+    return out.copy_(result)
 
 
 _FAST: dict[type, _Kernel] = {
-    K.RandomHorizontalFlip: _Kernel(_no_args, _hflip, in_place=False),
-    K.RandomVerticalFlip: _Kernel(_no_args, _vflip, in_place=False),
+    K.RandomHorizontalFlip: _Kernel(
+        _no_args, _hflip, in_place=False, cpu=augment_cpu.flip_horizontal, cpu_out=True
+    ),
+    K.RandomVerticalFlip: _Kernel(
+        _no_args, _vflip, in_place=False, cpu=augment_cpu.flip_vertical, cpu_out=True
+    ),
     RandomGaussianNoiseStd: _Kernel(_prepare_noise, _noise, cpu=augment_cpu.gaussian_noise),
     K.ColorJitter: _Kernel(_prepare_color_jitter, _clamp),
     K.RandomAutoContrast: _Kernel(_no_args, _auto_contrast),
     K.RandomSolarize: _Kernel(_keys("thresholds", "additions"), _solarize),
     K.RandomSharpness: _Kernel(_keys("sharpness"), _sharpness, cpu=augment_cpu.sharpness),
-    K.RandomGaussianBlur: _Kernel(_prepare_blur, _gaussian_blur, in_place=False, cpu=_blur_cpu),
+    K.RandomGaussianBlur: _Kernel(
+        _prepare_blur, _gaussian_blur, in_place=False, cpu=_blur_cpu, cpu_out=True
+    ),
     K.RandomAffine: _Kernel(_prepare_affine, _affine, in_place=False),
     RandomResizedCropKeepSize: _Kernel(_prepare_crop, _resized_crop, in_place=False),
     K.RandomErasing: _Kernel(_prepare_erasing, _erasing),
@@ -561,13 +590,16 @@ def _warp(op: nn.Module | None, x: torch.Tensor, args: dict) -> torch.Tensor:
     return F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=True)
 
 
-def _warp_cpu(op: nn.Module | None, x: torch.Tensor, args: dict) -> torch.Tensor:
+def _warp_cpu(
+    op: nn.Module | None, x: torch.Tensor, args: dict, out: torch.Tensor | None = None
+) -> torch.Tensor:
     if "pixel" not in args or not augment_cpu.exact_warp():
-        return _warp(op, x, args)
-    return augment_cpu.warp_bilinear(op, x, args)
+        result = _warp(op, x, args)
+        return result if out is None else out.copy_(result)
+    return augment_cpu.warp_bilinear(op, x, args, out=out)
 
 
-_WARP = _Kernel(_no_args, _warp, in_place=False, cpu=_warp_cpu)
+_WARP = _Kernel(_no_args, _warp, in_place=False, cpu=_warp_cpu, cpu_out=True)
 """A fused run of flips/affine/crop: ``args["theta"]`` for ``grid_sample``; on the CPU, OpenCV's
 ``warpAffine`` with the same map in pixels, ``args["pixel"]``."""
 
@@ -756,8 +788,9 @@ class BatchAugment(nn.Module):
             crop in one bilinear pass (see "fused geometry" in the module); False: one pass each.
         threads: how many threads share the images on the per-image path; None: the intra-op
             thread count in effect (``torch.get_num_threads()``, which the call leaves as it was).
-        opencv: on the CPU, compute blur, sharpness and noise on ``float32`` images with
-            OpenCV (:mod:`hlss.data.augment_cpu`, several times faster); False: torch's kernels,
+        opencv: on the CPU, compute flips, blur, sharpness, noise and the fused warp on
+            ``float32`` images with OpenCV (:mod:`hlss.data.augment_cpu`, several times
+            faster); False: torch's kernels,
             as on other devices. The noise then comes from OpenCV's generator: the same
             distribution, other draws.
 
@@ -925,12 +958,13 @@ class BatchAugment(nn.Module):
 
         def run(first: int, stop: int) -> None:
             with torch.no_grad():  # grad mode is per thread
+                spare = out.new_empty((1, *out.shape[1:]))  # this thread's second buffer
                 for i in range(first, stop):  # fused here: the other threads compute meanwhile
                     steps = (
                         _fuse_geometry(plan[i], height, width) if self.fuse_geometry else plan[i]
                     )
                     source = x[where[i]] if lead else x
-                    BatchAugment._one_image(out[i : i + 1], source[None], steps, self.opencv)
+                    BatchAugment._one_image(out[i : i + 1], source[None], steps, self.opencv, spare)
 
         threads = torch.get_num_threads()
         wanted = threads if self.threads is None else self.threads
@@ -954,21 +988,35 @@ class BatchAugment(nn.Module):
         return out
 
     @staticmethod
-    def _one_image(image: torch.Tensor, source: torch.Tensor, steps: list, opencv: bool) -> None:
+    def _one_image(
+        image: torch.Tensor, source: torch.Tensor, steps: list, opencv: bool, spare: torch.Tensor
+    ) -> None:
         """Write ``source`` ``[1, C, H, W]`` with its chosen ``steps`` applied into ``image``.
 
-        ``source`` is read, never written: it is copied into ``image`` before the first step
-        that works in place; a first step that makes a new tensor reads it directly."""
-        current = source if source.dtype == image.dtype else None
-        if current is None:
-            image.copy_(source)
-            current = image
-        for op, kernel, args, j in steps:
-            if current is source and kernel.in_place:
-                image.copy_(source)
-                current = image
+        ``source`` is read, never written. A step that makes a new image (a warp, a blur) writes
+        it straight into ``image`` or into ``spare`` (a tensor like ``image``), chosen from the
+        last step back so that the result ends in ``image`` with no copy; the source is copied
+        only before a first step that works in place (or when no step was chosen)."""
+        where, target = [image] * len(steps), image
+        for k in range(len(steps) - 1, -1, -1):  # where each step's result must be
+            where[k] = target
+            if not steps[k][1].in_place:  # its input must then be in the other buffer
+                target = spare if target is image else image
+        current = source
+        if source.dtype != image.dtype:
+            target.copy_(source)
+            current = target
+        for (op, kernel, args, j), into in zip(steps, where, strict=True):
             one = {key: value[j : j + 1] for key, value in args.items()}
-            current = _compute(kernel, op, current, one, opencv)
+            if not kernel.in_place:
+                current = _compute(kernel, op, current, one, opencv, out=into)
+                continue
+            if current is source:
+                into.copy_(source)
+                current = into
+            result = _compute(kernel, op, current, one, opencv)
+            if result is not current:
+                current.copy_(result)
         if current is not image:
             image.copy_(current)
         image.clamp_(0.0, 1.0)
