@@ -387,3 +387,50 @@ def test_a_base_transform_writing_into_the_item_gives_what_a_plain_transform_giv
         a, b = direct[key], copied[key]
         assert a["image"].shape == b["image"].shape == (2, 3, 2, 3, SIZE, SIZE)
         assert torch.equal(a["image"], b["image"]) and torch.equal(a["patch"], b["patch"])
+
+
+def _shared_flag(items):
+    """A worker's collate: whether the collated image lies in shared memory."""
+    from hlss.data.hierarchy import collate_patients
+
+    batch = collate_patients(items)
+    return {"shared": torch.tensor(batch["image"].is_shared()), "image": batch["image"]}
+
+
+def test_a_loader_batch_is_made_in_one_block_and_collated_without_a_copy(table):
+    from torch.utils.data import default_collate
+
+    from hlss.data.hierarchy import collate_patients
+
+    ds = HierarchicalDataset(table, slides_per_patient=2, patches_per_slide=2, views=2)
+    keys = list(HierarchicalSampler(ds.labels, seed=3))[:3]
+    together = ds.__getitems__(keys)
+    alone = [ds[key] for key in keys]
+    for a, b in zip(together, alone, strict=True):
+        assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)
+    batch = collate_patients(together)
+    assert batch["image"].data_ptr() == together[0]["image"].data_ptr()  # no copy
+    plain = default_collate(alone)
+    assert torch.equal(batch["image"].expand_as(plain["image"]), plain["image"])
+    copied = collate_patients(alone)  # items made one by one are stacked, as before
+    assert copied["image"].data_ptr() != alone[0]["image"].data_ptr()
+    assert torch.equal(copied["image"], batch["image"])
+    # in a loader worker the block is in shared memory, as default_collate's batches are
+    loader = DataLoader(ds, batch_size=3, sampler=keys, num_workers=1, collate_fn=_shared_flag)
+    out = next(iter(loader))
+    assert bool(out["shared"]) and torch.equal(out["image"], batch["image"])
+
+
+def test_items_of_another_size_in_a_batch_get_their_own_memory(tmp_path):
+    from hlss.data.hierarchy import collate_patients
+
+    table = write_table(str(tmp_path), {"P1": ("a", [2]), "P2": ("b", [2])})
+    for row in (2, 3):  # P2's patches are larger
+        tifffile.imwrite(table.frame["path"][row], np.zeros((2, SIZE + 2, SIZE), dtype=np.uint16))
+    ds = HierarchicalDataset(table, slides_per_patient=1, patches_per_slide=2, views=2)
+    together = ds.__getitems__([(0, 0), (1, 0)])
+    for key, item in zip([(0, 0), (1, 0)], together, strict=True):
+        assert torch.equal(item["image"], ds[key]["image"])
+    for items in (together, [ds[(0, 0)], ds[(1, 0)]]):
+        with pytest.raises(DataError, match=r"different sizes .*dataset.transform.size"):
+            collate_patients(items)

@@ -13,6 +13,7 @@ the same for any number of data-loader workers, and distinct patients per rank.
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 from collections.abc import Callable, Iterator
@@ -194,12 +195,25 @@ class HierarchicalDataset(Dataset):
         )
 
     def __getitem__(self, key: int | tuple[int, int]) -> dict[str, torch.Tensor]:
+        return self._item(key, None)
+
+    def __getitems__(self, keys: list) -> list[dict[str, torch.Tensor]]:
+        """The items of ``keys`` (one loader batch; the DataLoader calls this rather than
+        :meth:`__getitem__` per key). Their images are written into one ``[P, S, N, C, H, W]``
+        block (in shared memory inside a loader worker), so that :func:`collate_patients` takes
+        the block as the batch instead of stacking (copying) the items."""
+        block = _ImageBlock(len(keys))
+        return [self._item(key, functools.partial(block.slot, p)) for p, key in enumerate(keys)]
+
+    def _item(self, key: int | tuple[int, int], slot: Callable | None) -> dict[str, torch.Tensor]:
         patient, draw_seed = (key, key) if isinstance(key, (int, np.integer)) else key
         patient = int(patient)
         rng = np.random.default_rng(int(draw_seed))
         slide_rows = self.index.rows[patient]
         slide_pick = _cyclic_choice(rng, len(slide_rows), self.S)
-        image = _PatientImage(self.transform, self.S, self.N, self.index.patients[patient])
+        image = _PatientImage(
+            self.transform, self.S, self.N, self.index.patients[patient], slot=slot
+        )
         patch_rows, bad = np.empty((self.S, self.N), dtype=np.int64), 0
         for s, slide_pos in enumerate(slide_pick):
             rows = slide_rows[slide_pos]
@@ -220,14 +234,62 @@ class HierarchicalDataset(Dataset):
         }
 
 
+def _new_batch_tensor(shape: tuple[int, ...]) -> torch.Tensor:
+    """An empty ``float32`` tensor for a whole batch: in shared memory inside a loader worker
+    (as ``default_collate`` makes its batches there, so that sending it to the main process
+    copies nothing), in ordinary memory elsewhere."""
+    if torch.utils.data.get_worker_info() is not None:
+        try:
+            storage = torch.empty(0)._typed_storage()._new_shared(math.prod(shape))
+            return torch.empty(0).new(storage).view(shape)
+        except (AttributeError, RuntimeError, TypeError):  # private API: may change
+            pass
+    return torch.empty(shape, dtype=torch.float32)
+
+
+class _ImageBlock:
+    """One batch's patient images ``[P, S, N, C, H, W]`` in one tensor, allocated when the first
+    patch's transformed shape is known."""
+
+    def __init__(self, patients: int):
+        self.patients = patients
+        self.tensor: torch.Tensor | None = None
+
+    def slot(self, patient: int, shape: tuple[int, ...]) -> torch.Tensor | None:
+        """Patient ``patient``'s ``shape`` (``[S, N, C, H, W]``) part of the block; None when its
+        shape differs from the block's (that patient's image is then a tensor of its own)."""
+        if self.tensor is None:
+            self.tensor = _new_batch_tensor((self.patients, *shape))
+        return self.tensor[patient] if tuple(self.tensor.shape[1:]) == shape else None
+
+
 class _PatientImage:
     """An item's ``[S, N, C, H, W]`` image, filled one transformed patch at a time: a base
     transform with ``into`` (:class:`hlss.data.transforms.BaseTransform`) writes each patch
-    straight into it; any other transform's output is copied in."""
+    straight into it; any other transform's output is copied in. ``slot(shape)``, when given,
+    offers the memory to fill (a part of a batch block; None: a tensor of its own)."""
 
-    def __init__(self, transform: Callable, slides: int, patches: int, patient: str):
+    def __init__(
+        self,
+        transform: Callable,
+        slides: int,
+        patches: int,
+        patient: str,
+        slot: Callable[[tuple[int, ...]], torch.Tensor | None] | None = None,
+    ):
         self.transform, self.shape, self.patient = transform, (slides, patches), patient
+        self.slot = slot
         self.tensor: torch.Tensor | None = None
+
+    def _allocate(self, shape: tuple[int, ...], like: torch.Tensor | None = None) -> None:
+        full = (*self.shape, *shape)
+        place = self.slot(full) if self.slot is not None else None
+        if place is not None and (like is None or like.dtype == place.dtype):
+            self.tensor = place
+        elif like is not None:
+            self.tensor = like.new_empty(full)
+        else:
+            self.tensor = torch.empty(full, dtype=torch.float32)
 
     def _check(self, shape: tuple[int, ...]) -> None:
         if shape != tuple(self.tensor.shape[2:]):
@@ -242,13 +304,13 @@ class _PatientImage:
         if into is not None:
             shape = tuple(self.transform.output_shape(raw))
             if self.tensor is None:
-                self.tensor = torch.empty((*self.shape, *shape), dtype=torch.float32)
+                self._allocate(shape)
             self._check(shape)
             into(raw, self.tensor[slide, patch])
             return
         img = self.transform(raw)
         if self.tensor is None:
-            self.tensor = img.new_empty((*self.shape, *img.shape))
+            self._allocate(tuple(img.shape), like=img)
         self._check(tuple(img.shape))
         self.tensor[slide, patch] = img
 
@@ -269,9 +331,45 @@ def collate_patients(items: list[dict[str, torch.Tensor]]) -> dict[str, torch.Te
     if not isinstance(image, torch.Tensor) or image.dim() != 6:
         return default_collate(items)
     shape = image.shape
-    batch = default_collate([{**item, "image": item["image"][:, :, :1]} for item in items])
+    images = [item["image"][:, :, :1] if isinstance(item, dict) else None for item in items]
+    shapes = {tuple(im.shape) for im in images if isinstance(im, torch.Tensor)}
+    if len(shapes) > 1:
+        sizes = " and ".join(str(s[-3:]) for s in sorted(shapes)[:2])
+        raise DataError(
+            f"patients of one batch have patches of different sizes ({sizes}); set "
+            "dataset.transform.size so that the base transform crops them alike"
+        )
+    block = _one_block(images)
+    if block is None:
+        batch = default_collate(
+            [{**item, "image": im} for item, im in zip(items, images, strict=True)]
+        )
+    else:  # the items were made together (HierarchicalDataset.__getitems__): no copy
+        batch = default_collate([{k: v for k, v in item.items() if k != "image"} for item in items])
+        batch["image"] = block
     batch["views"] = torch.tensor(int(shape[2]))
     return batch
+
+
+def _one_block(images: list) -> torch.Tensor | None:
+    """``images`` (each ``[S, N, 1, C, H, W]``) as one ``[P, S, N, 1, C, H, W]`` tensor without
+    copying, when they lie one after another in one contiguous block of memory; else None."""
+    first = images[0]
+    if not isinstance(first, torch.Tensor) or not first.squeeze(2).is_contiguous():
+        return None
+    step, storage = first.numel(), first.untyped_storage().data_ptr()
+    for p, im in enumerate(images):
+        if (
+            not isinstance(im, torch.Tensor)
+            or im.shape != first.shape
+            or im.stride() != first.stride()
+            or im.dtype != first.dtype
+            or im.device != first.device
+            or im.untyped_storage().data_ptr() != storage
+            or im.storage_offset() != first.storage_offset() + p * step
+        ):
+            return None
+    return first.as_strided((len(images), *first.shape), (step, *first.stride()))
 
 
 def expand_views(batch):
