@@ -434,3 +434,39 @@ def test_items_of_another_size_in_a_batch_get_their_own_memory(tmp_path):
     for items in (together, [ds[(0, 0)], ds[(1, 0)]]):
         with pytest.raises(DataError, match=r"different sizes .*dataset.transform.size"):
             collate_patients(items)
+
+
+@pytest.fixture
+def intra_op_threads():
+    """Sets torch's intra-op thread count for a test and puts it back afterwards."""
+    before = torch.get_num_threads()
+    yield torch.set_num_threads
+    torch.set_num_threads(before)
+
+
+@pytest.mark.parametrize("threads", [1, 3])
+def test_a_batch_read_on_threads_is_what_one_thread_reads(table, intra_op_threads, threads):
+    import pickle
+
+    bad_row = int(table.frame.index[table.frame.patient == "P4"][0])
+    with open(table.frame.loc[bad_row, "path"], "wb") as handle:
+        handle.write(b"not a tiff")
+    intra_op_threads(threads)
+    ds = HierarchicalDataset(table, slides_per_patient=2, patches_per_slide=3, views=2)
+    keys = [(p, 10 + p) for p in range(5)] * 2  # P4 (index 3) always draws its bad patch
+    together = ds.__getitems__(keys)
+    assert (ds._threads._pool is not None) == (threads > 1)  # threads kept for the next batch
+    assert int(together[3]["bad"]) >= 1 and table.frame.loc[bad_row, "path"] in ds.bad_paths
+    for key, item in zip(keys, together, strict=True):
+        alone = ds[key]
+        assert all(torch.equal(item[k], alone[k]) for k in alone), key
+    assert pickle.loads(pickle.dumps(ds))._threads._pool is None  # a worker starts its own
+
+
+def test_an_error_on_a_reading_thread_reaches_the_caller(table, intra_op_threads):
+    for path in table.frame.loc[table.frame.patient == "P3", "path"]:
+        os.remove(path)
+    intra_op_threads(2)
+    ds = HierarchicalDataset(table, slides_per_patient=2, patches_per_slide=2, views=1)
+    with pytest.raises(DataError, match="patient P3: none of its 6 patches"):
+        ds.__getitems__([(0, 0), (1, 0), (2, 0), (3, 0)])

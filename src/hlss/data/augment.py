@@ -48,7 +48,6 @@ import functools
 import itertools
 import math
 from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any, NamedTuple
 
 import kornia.augmentation as K
@@ -60,6 +59,7 @@ from kornia.geometry.conversions import normalize_homography
 from torch import nn
 
 from hlss.data import augment_cpu
+from hlss.data.threads import KeptThreads
 from hlss.errors import ConfigError
 
 __all__ = ["BatchAugment", "RandomGaussianNoiseStd", "RandomResizedCropKeepSize"]
@@ -751,26 +751,6 @@ class _OutputBuffers:
         return {"keep": self.keep, "_held": []}
 
 
-class _ImageThreads:
-    """The Python threads the CPU path shares images out to: started on first use and kept for
-    the augmenter's life (not per batch); never pickled or copied (a copy starts its own)."""
-
-    def __init__(self) -> None:
-        self._pool: ThreadPoolExecutor | None = None
-        self._size = 0
-
-    def pool(self, workers: int) -> ThreadPoolExecutor:
-        if self._pool is None or self._size < workers:
-            if self._pool is not None:
-                self._pool.shutdown(wait=True)
-            self._pool = ThreadPoolExecutor(workers, thread_name_prefix="hlss-augment")
-            self._size = workers
-        return self._pool
-
-    def __getstate__(self) -> dict:
-        return {"_pool": None, "_size": 0}
-
-
 class BatchAugment(nn.Module):
     """Random strong augmentation of image batches: kornia ops, per-image decisions and parameters.
 
@@ -847,7 +827,7 @@ class BatchAugment(nn.Module):
         self.opencv = opencv
         self._rng_device = torch.device("cpu")
         self._outputs = _OutputBuffers()
-        self._threads = _ImageThreads()
+        self._threads = KeptThreads("hlss-augment")
 
     @property
     def op_names(self) -> list[str]:

@@ -16,6 +16,7 @@ from __future__ import annotations
 import functools
 import logging
 import math
+import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
@@ -25,6 +26,7 @@ from torch.utils.data import Dataset, Sampler
 
 from hlss.data.io import load_patch
 from hlss.data.table import PatchTable
+from hlss.data.threads import KeptThreads
 from hlss.errors import BadPatchError, ConfigError, DataError
 
 log = logging.getLogger(__name__)
@@ -146,6 +148,7 @@ class HierarchicalDataset(Dataset):
         self.transform = transform if transform is not None else _to_float_tensor
         self.on_bad_file = on_bad_file
         self.bad_paths: set[str] = set()  # per process (each worker keeps its own)
+        self._threads = KeptThreads("hlss-read")
 
     def __len__(self) -> int:
         return len(self.index)
@@ -201,9 +204,22 @@ class HierarchicalDataset(Dataset):
         """The items of ``keys`` (one loader batch; the DataLoader calls this rather than
         :meth:`__getitem__` per key). Their images are written into one ``[P, S, N, C, H, W]``
         block (in shared memory inside a loader worker), so that :func:`collate_patients` takes
-        the block as the batch instead of stacking (copying) the items."""
+        the block as the batch instead of stacking (copying) the items.
+
+        Outside loader workers (``num_workers=0``) the patients are read on
+        ``torch.get_num_threads()`` threads (decoding and the base transform release Python's
+        lock); the items are the same as one thread makes. In a worker, one thread."""
+
         block = _ImageBlock(len(keys))
-        return [self._item(key, functools.partial(block.slot, p)) for p, key in enumerate(keys)]
+
+        def item(p: int) -> dict[str, torch.Tensor]:
+            return self._item(keys[p], functools.partial(block.slot, p))
+
+        in_worker = torch.utils.data.get_worker_info() is not None
+        workers = 1 if in_worker else min(len(keys), torch.get_num_threads())
+        if workers <= 1:
+            return [item(p) for p in range(len(keys))]
+        return list(self._threads.pool(workers).map(item, range(len(keys))))
 
     def _item(self, key: int | tuple[int, int], slot: Callable | None) -> dict[str, torch.Tensor]:
         patient, draw_seed = (key, key) if isinstance(key, (int, np.integer)) else key
@@ -249,17 +265,19 @@ def _new_batch_tensor(shape: tuple[int, ...]) -> torch.Tensor:
 
 class _ImageBlock:
     """One batch's patient images ``[P, S, N, C, H, W]`` in one tensor, allocated when the first
-    patch's transformed shape is known."""
+    patch's transformed shape is known (by whichever reading thread gets there first)."""
 
     def __init__(self, patients: int):
         self.patients = patients
         self.tensor: torch.Tensor | None = None
+        self._lock = threading.Lock()
 
     def slot(self, patient: int, shape: tuple[int, ...]) -> torch.Tensor | None:
         """Patient ``patient``'s ``shape`` (``[S, N, C, H, W]``) part of the block; None when its
         shape differs from the block's (that patient's image is then a tensor of its own)."""
-        if self.tensor is None:
-            self.tensor = _new_batch_tensor((self.patients, *shape))
+        with self._lock:
+            if self.tensor is None:
+                self.tensor = _new_batch_tensor((self.patients, *shape))
         return self.tensor[patient] if tuple(self.tensor.shape[1:]) == shape else None
 
 
