@@ -470,3 +470,19 @@ def test_an_error_on_a_reading_thread_reaches_the_caller(table, intra_op_threads
     ds = HierarchicalDataset(table, slides_per_patient=2, patches_per_slide=2, views=1)
     with pytest.raises(DataError, match="patient P3: none of its 6 patches"):
         ds.__getitems__([(0, 0), (1, 0), (2, 0), (3, 0)])
+
+
+def test_a_transform_of_another_dtype_gets_a_block_of_that_dtype(table):
+    from hlss.data.hierarchy import collate_patients
+
+    ds = HierarchicalDataset(
+        table, 2, 2, 2, transform=lambda raw: torch.from_numpy(raw.astype(np.float64))
+    )
+    keys = [(0, 1), (2, 5), (4, 2)]
+    together = ds.__getitems__(keys)
+    for key, item in zip(keys, together, strict=True):
+        assert item["image"].dtype == torch.float64
+        assert torch.equal(item["image"], ds[key]["image"])
+    batch = collate_patients(together)
+    assert batch["image"].dtype == torch.float64
+    assert batch["image"].data_ptr() == together[0]["image"].data_ptr()

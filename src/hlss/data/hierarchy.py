@@ -250,17 +250,18 @@ class HierarchicalDataset(Dataset):
         }
 
 
-def _new_batch_tensor(shape: tuple[int, ...]) -> torch.Tensor:
-    """An empty ``float32`` tensor for a whole batch: in shared memory inside a loader worker
-    (as ``default_collate`` makes its batches there, so that sending it to the main process
-    copies nothing), in ordinary memory elsewhere."""
+def _new_batch_tensor(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+    """An empty tensor for a whole batch: in shared memory inside a loader worker (as
+    ``default_collate`` makes its batches there, so that sending it to the main process copies
+    nothing), in ordinary memory elsewhere."""
     if torch.utils.data.get_worker_info() is not None:
         try:
-            storage = torch.empty(0)._typed_storage()._new_shared(math.prod(shape))
-            return torch.empty(0).new(storage).view(shape)
+            like = torch.empty(0, dtype=dtype)
+            storage = like._typed_storage()._new_shared(math.prod(shape))
+            return like.new(storage).view(shape)
         except (AttributeError, RuntimeError, TypeError):  # private API: may change
             pass
-    return torch.empty(shape, dtype=torch.float32)
+    return torch.empty(shape, dtype=dtype)
 
 
 class _ImageBlock:
@@ -272,20 +273,22 @@ class _ImageBlock:
         self.tensor: torch.Tensor | None = None
         self._lock = threading.Lock()
 
-    def slot(self, patient: int, shape: tuple[int, ...]) -> torch.Tensor | None:
+    def slot(self, patient: int, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor | None:
         """Patient ``patient``'s ``shape`` (``[S, N, C, H, W]``) part of the block; None when its
-        shape differs from the block's (that patient's image is then a tensor of its own)."""
+        shape or dtype differs from the block's (that patient's image is then a tensor of its
+        own)."""
         with self._lock:
             if self.tensor is None:
-                self.tensor = _new_batch_tensor((self.patients, *shape))
-        return self.tensor[patient] if tuple(self.tensor.shape[1:]) == shape else None
+                self.tensor = _new_batch_tensor((self.patients, *shape), dtype)
+        same = tuple(self.tensor.shape[1:]) == shape and self.tensor.dtype == dtype
+        return self.tensor[patient] if same else None
 
 
 class _PatientImage:
     """An item's ``[S, N, C, H, W]`` image, filled one transformed patch at a time: a base
     transform with ``into`` (:class:`hlss.data.transforms.BaseTransform`) writes each patch
-    straight into it; any other transform's output is copied in. ``slot(shape)``, when given,
-    offers the memory to fill (a part of a batch block; None: a tensor of its own)."""
+    straight into it; any other transform's output is copied in. ``slot(shape, dtype)``, when
+    given, offers the memory to fill (a part of a batch block; None: a tensor of its own)."""
 
     def __init__(
         self,
@@ -293,7 +296,7 @@ class _PatientImage:
         slides: int,
         patches: int,
         patient: str,
-        slot: Callable[[tuple[int, ...]], torch.Tensor | None] | None = None,
+        slot: Callable[[tuple[int, ...], torch.dtype], torch.Tensor | None] | None = None,
     ):
         self.transform, self.shape, self.patient = transform, (slides, patches), patient
         self.slot = slot
@@ -301,13 +304,16 @@ class _PatientImage:
 
     def _allocate(self, shape: tuple[int, ...], like: torch.Tensor | None = None) -> None:
         full = (*self.shape, *shape)
-        place = self.slot(full) if self.slot is not None else None
-        if place is not None and (like is None or like.dtype == place.dtype):
+        dtype = torch.float32 if like is None else like.dtype
+        place = None
+        if self.slot is not None and (like is None or like.device.type == "cpu"):
+            place = self.slot(full, dtype)
+        if place is not None:
             self.tensor = place
         elif like is not None:
             self.tensor = like.new_empty(full)
         else:
-            self.tensor = torch.empty(full, dtype=torch.float32)
+            self.tensor = torch.empty(full, dtype=dtype)
 
     def _check(self, shape: tuple[int, ...]) -> None:
         if shape != tuple(self.tensor.shape[2:]):
