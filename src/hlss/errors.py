@@ -17,9 +17,18 @@ class DataError(HLSSError):
 
 
 class BadPatchError(DataError):
-    """One patch file cannot be read or has the wrong shape/dtype."""
+    """One patch file cannot be read or has the wrong shape/dtype.
 
-    def __init__(self, path: str, problem: str):
+    ``BadPatchError(path, problem)``; ``BadPatchError(message)`` alone is the whole message
+    (``path`` then empty), which is how a data-loader worker's error is raised again in the main
+    process, so that it stays a user error there and is reported as one line.
+    """
+
+    def __init__(self, path: str, problem: str | None = None):
+        if problem is None:
+            self.path, self.problem = "", str(path)
+            super().__init__(self.problem)
+            return
         self.path = str(path)
         self.problem = problem
         super().__init__(f"{self.path}: {problem}")

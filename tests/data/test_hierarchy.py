@@ -486,3 +486,21 @@ def test_a_transform_of_another_dtype_gets_a_block_of_that_dtype(table):
     batch = collate_patients(together)
     assert batch["image"].dtype == torch.float64
     assert batch["image"].data_ptr() == together[0]["image"].data_ptr()
+
+
+def test_a_bad_file_in_a_loader_worker_stays_a_one_line_user_error(table):
+    """``on_bad_file=fail`` inside a worker: the DataLoader raises the error again in the main
+    process; it must still be a BadPatchError (which the console scripts print as one line)."""
+    from hlss.cli.common import _last_line
+
+    bad_row = int(table.frame.index[table.frame.patient == "P4"][0])
+    os.remove(table.frame.loc[bad_row, "path"])
+    ds = HierarchicalDataset(
+        table, slides_per_patient=1, patches_per_slide=4, views=1, on_bad_file="fail"
+    )
+    loader = DataLoader(ds, batch_size=1, sampler=[(3, 0)], num_workers=1)
+    with pytest.raises(BadPatchError) as caught:
+        next(iter(loader))
+    line = _last_line(caught.value)
+    assert table.frame.loc[bad_row, "path"] in line and "file not found" in line
+    assert BadPatchError("a.tif", "truncated").path == "a.tif"
