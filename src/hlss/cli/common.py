@@ -16,9 +16,13 @@ EXIT_INTERRUPTED = 130
 
 
 def _last_line(err: Exception) -> str:
-    """The last non-empty line: errors from data-loader workers arrive with the worker's traceback."""
+    """The last non-empty line: errors from data-loader workers arrive with the worker's traceback,
+    whose last line starts with the error's qualified class name (dropped here)."""
     lines = [line for line in str(err).strip().splitlines() if line.strip()]
-    return lines[-1] if lines else type(err).__name__
+    if not lines:
+        return type(err).__name__
+    prefix = f"{type(err).__module__}.{type(err).__qualname__}: "
+    return lines[-1].removeprefix(prefix) if len(lines) > 1 else lines[-1]
 
 
 def report_errors(func: Callable, *args, **kwargs):
