@@ -438,8 +438,7 @@ def _blur_cpu(
     op: nn.Module, x: torch.Tensor, args: dict, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     if augment_cpu.blur_border(op) is None:  # a border OpenCV's filters do not have here
-        result = _gaussian_blur(op, x, args)
-        return result if out is None else out.copy_(result)
+        return _written(_gaussian_blur(op, x, args), out)
     return augment_cpu.gaussian_blur(op, x, args, out=out)
 
 
@@ -474,9 +473,12 @@ def _compute(
         result = kernel.cpu(op, x, args)
     else:
         result = kernel.apply(op, x, args)
-    if out is None or result is out:
-        return result
-    return out.copy_(result)
+    return _written(result, out)
+
+
+def _written(result: torch.Tensor, out: torch.Tensor | None) -> torch.Tensor:
+    """``result``, copied into ``out`` when one is given and it is another tensor."""
+    return result if out is None or result is out else out.copy_(result)
 
 
 _FAST: dict[type, _Kernel] = {
@@ -594,8 +596,7 @@ def _warp_cpu(
     op: nn.Module | None, x: torch.Tensor, args: dict, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     if "pixel" not in args or not augment_cpu.exact_warp():
-        result = _warp(op, x, args)
-        return result if out is None else out.copy_(result)
+        return _written(_warp(op, x, args), out)
     return augment_cpu.warp_bilinear(op, x, args, out=out)
 
 
