@@ -57,8 +57,10 @@ KERNELS = [(name, "apply") for name in sorted(OPS)] + [
 ]
 
 
+@pytest.mark.parametrize("into_out", [False, True], ids=["own", "out"])
 @pytest.mark.parametrize(("name", "version"), KERNELS)
-def test_fast_kernel_equals_kornia_for_the_same_parameters(name, version):
+def test_fast_kernel_equals_kornia_for_the_same_parameters(name, version, into_out):
+    """Also with ``out=``: the result is written there and the input is left as it was."""
     op = OPS[name]()
     assert type(op) in _FAST
     torch.manual_seed(0)
@@ -69,10 +71,15 @@ def test_fast_kernel_equals_kornia_for_the_same_parameters(name, version):
     args = kernel.prepare(op, params, x)
     assert args is not None
     before = x.clone()
-    got = getattr(kernel, version)(op, x, args)
+    if into_out:
+        out = torch.full_like(x, -5.0)
+        got = getattr(kernel, version)(op, x, args, out=out)
+        assert got is out
+    else:
+        got = getattr(kernel, version)(op, x, args)
     assert got is not None and got.shape == expected.shape
     torch.testing.assert_close(got, expected, atol=2e-5, rtol=1e-5)
-    if not kernel.in_place:
+    if into_out or not kernel.in_place:
         assert torch.equal(x, before)
 
 

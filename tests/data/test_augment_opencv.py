@@ -143,7 +143,7 @@ def test_opencv_warp_equals_grid_sample_for_the_same_map():
             params = op.forward_parameters(torch.Size((1, 3, 41, 57)))
             steps.append((op, kernel, kernel.prepare(op, params, image), 0))
         [(_, kernel, args, _)] = _fuse_geometry(steps, 41, 57)
-        assert kernel is _WARP and set(args) == {"theta", "pixel"}
+        assert kernel is _WARP and set(args) == {"pixel"}
         expected = _WARP.apply(None, image, args)
         got = augment_cpu.warp_bilinear(None, image, args)
         torch.testing.assert_close(got, expected, atol=2e-4, rtol=0)
@@ -178,27 +178,32 @@ def test_opencv_must_be_a_bool(value):
         BatchAugment([], opencv=value)
 
 
-OUT_KERNELS = sorted(name for name in OPS if _FAST[type(OPS[name]())].cpu_out)
+OUT_KERNELS = {
+    **{name: OPS[name] for name in OPS if _FAST[type(OPS[name]())].cpu is not None},
+    "noise": lambda: RandomGaussianNoiseStd(std=[0.01, 0.1], mean=0.02, p=1.0),
+}
 
 
-@pytest.mark.parametrize("name", OUT_KERNELS)
-def test_a_kernel_with_out_writes_its_result_there_and_refuses_its_own_input(name):
-    op = OPS[name]()
+@pytest.mark.parametrize("name", sorted(OUT_KERNELS))
+def test_an_opencv_kernel_writes_into_out_what_it_gives_alone_and_refuses_its_own_input(name):
+    """In-place kernels (sharpness, noise) as well: into ``out``, their input left as it was."""
+    op = OUT_KERNELS[name]()
     torch.manual_seed(0)
     x = _images()
     kernel = _FAST[type(op)]
     args = kernel.prepare(op, op.forward_parameters(x.shape), x)
-    out = torch.full_like(x, -5.0)
+    out, before = torch.full_like(x, -5.0), x.clone()
     assert kernel.cpu(op, x, args, out=out) is out
-    torch.testing.assert_close(out, kernel.cpu(op, x, args), atol=0, rtol=0)
+    assert torch.equal(x, before)
+    torch.testing.assert_close(out, kernel.cpu(op, x.clone(), args), atol=0, rtol=0)
     with pytest.raises(ValueError, match="out must be"):
         kernel.cpu(op, x, args, out=x)
     with pytest.raises(ValueError, match="out must be"):
         kernel.cpu(op, x, args, out=x[:1].clone())
 
 
-def test_opencv_flips_and_blur_take_out():
-    assert {"blur5", "hflip", "vflip"} <= set(OUT_KERNELS)
+def test_every_opencv_kernel_is_checked_with_out():
+    assert {"blur5", "hflip", "vflip", "sharpness", "noise"} <= set(OUT_KERNELS)
 
 
 def test_sharpness_filtered_in_place_on_a_full_size_patch_equals_kornia():

@@ -64,6 +64,10 @@ from hlss.errors import ConfigError
 
 __all__ = ["BatchAugment", "RandomGaussianNoiseStd", "RandomResizedCropKeepSize"]
 
+Out = torch.Tensor | None
+"""A kernel's ``out=``: where to write its result, leaving its input as it was (None: as the
+kernel does by itself, see :class:`_Kernel`)."""
+
 
 def _pair(value: Any, what: str) -> tuple[float, float]:
     """``x`` -> ``(x, x)``; ``[a, b]`` -> ``(a, b)``. Raises ValueError otherwise or if a > b."""
@@ -211,12 +215,12 @@ def _keys(*names: str):
     return prepare
 
 
-def _hflip(op: nn.Module, x: torch.Tensor, args: dict) -> torch.Tensor:
-    return x.flip(-1)
+def _hflip(op: nn.Module, x: torch.Tensor, args: dict, out: Out = None) -> torch.Tensor:
+    return _written(x.flip(-1), out)
 
 
-def _vflip(op: nn.Module, x: torch.Tensor, args: dict) -> torch.Tensor:
-    return x.flip(-2)
+def _vflip(op: nn.Module, x: torch.Tensor, args: dict, out: Out = None) -> torch.Tensor:
+    return _written(x.flip(-2), out)
 
 
 def _prepare_noise(op: nn.Module, params: dict, like: torch.Tensor) -> dict:
@@ -230,7 +234,7 @@ def _prepare_noise(op: nn.Module, params: dict, like: torch.Tensor) -> dict:
     return args
 
 
-def _noise(op: nn.Module, x: torch.Tensor, args: dict) -> torch.Tensor:
+def _noise(op: nn.Module, x: torch.Tensor, args: dict, out: Out = None) -> torch.Tensor:
     if "seed" in args and x.device.type == "cpu":
         noise = torch.empty_like(x)
         for i, seed in enumerate(args["seed"].tolist()):
@@ -240,7 +244,7 @@ def _noise(op: nn.Module, x: torch.Tensor, args: dict) -> torch.Tensor:
     noise.mul_(_per_image(args["std"], x))
     if op.mean:
         noise.add_(op.mean)
-    return x.add_(noise)
+    return x.add_(noise) if out is None else torch.add(x, noise, out=out)
 
 
 def _prepare_color_jitter(op: nn.Module, params: dict, like: torch.Tensor) -> dict | None:
@@ -253,25 +257,41 @@ def _prepare_color_jitter(op: nn.Module, params: dict, like: torch.Tensor) -> di
     return {}
 
 
-def _clamp(op: nn.Module, x: torch.Tensor, args: dict) -> torch.Tensor:
-    return x.clamp_(0.0, 1.0)
+def _clamped(x: torch.Tensor, out: Out) -> torch.Tensor:
+    """``x`` clamped to ``[0, 1]``: in place, or into ``out`` (one pass: the copy that an
+    in-place kernel would need anyway, fused with its first clamp)."""
+    return x.clamp_(0.0, 1.0) if out is None else torch.clamp(x, 0.0, 1.0, out=out)
 
 
-def _auto_contrast(op: nn.Module, x: torch.Tensor, args: dict) -> torch.Tensor:
+def _clamp(op: nn.Module, x: torch.Tensor, args: dict, out: Out = None) -> torch.Tensor:
+    return _clamped(x, out)
+
+
+def _auto_contrast(op: nn.Module, x: torch.Tensor, args: dict, out: Out = None) -> torch.Tensor:
     flat = x.flatten(-2)
     low = flat.amin(-1)[..., None, None]  # two passes: faster than aminmax's one on the CPU
     high = flat.amax(-1)[..., None, None]
-    x.sub_(low).div_(high - low + 1e-6)
+    x = x.sub_(low) if out is None else torch.sub(x, low, out=out)
+    x.div_(high - low + 1e-6)
     return x.clamp_(0.0, 1.0) if op.clip_output else x
 
 
-def _solarize(op: nn.Module, x: torch.Tensor, args: dict) -> torch.Tensor:
+def _prepare_solarize(op: nn.Module, params: dict, like: torch.Tensor) -> dict:
+    """Each image's threshold and brightness addition; on the CPU the additions are left out
+    when every one is zero (adding 0 to a clamped image and clamping again changes nothing)."""
+    args = _keys("thresholds", "additions")(op, params, like)
+    if "additions" in args and like.device.type == "cpu" and not bool(args["additions"].any()):
+        del args["additions"]
+    return args
+
+
+def _solarize(op: nn.Module, x: torch.Tensor, args: dict, out: Out = None) -> torch.Tensor:
     """``x`` where ``x < threshold``, ``1 - x`` elsewhere (kornia's ``where``), in place, as
     ``x + m * (-2x) + m`` with ``m = [x >= threshold]`` written out as 0/1 floats: below the
     threshold that is ``x`` itself, above it ``-x + 1``, which rounds as ``1 - x`` does, so the
     values are kornia's bit for bit. No temporary but ``m``: twice as fast as a ``lerp`` towards
     ``1 - x`` and six times ``torch.where`` on the CPU."""
-    x.clamp_(0.0, 1.0)
+    x = _clamped(x, out)
     if "additions" in args:
         x.add_(_per_image(args["additions"], x)).clamp_(0.0, 1.0)
     above = torch.ge(x, _per_image(args["thresholds"], x), out=torch.empty_like(x))
@@ -286,12 +306,12 @@ def _box3_sum(x: torch.Tensor) -> torch.Tensor:
     return out.add_(rows[..., 2:, :])
 
 
-def _sharpness(op: nn.Module, x: torch.Tensor, args: dict) -> torch.Tensor:
+def _sharpness(op: nn.Module, x: torch.Tensor, args: dict, out: Out = None) -> torch.Tensor:
     """PIL's sharpness: blend with the ``[[1,1,1],[1,5,1],[1,1,1]] / 13`` smoothing (interior
     only; border pixels are their own smoothing), ``out = smooth + factor * (x - smooth)``."""
-    x.clamp_(0.0, 1.0)
     if x.shape[-1] < 3 or x.shape[-2] < 3:
         raise ValueError(f"RandomSharpness needs images of at least 3 x 3; got {tuple(x.shape)}")
+    x = _clamped(x, out)
     inner = x[..., 1:-1, 1:-1]
     smooth = _box3_sum(x).add_(inner, alpha=4.0).div_(13.0).clamp_(0.0, 1.0)
     factor = _per_image(args["sharpness"], x)
@@ -330,7 +350,7 @@ def _shift_filter(x: torch.Tensor, taps: torch.Tensor, dim: int) -> torch.Tensor
     return out
 
 
-def _gaussian_blur(op: nn.Module, x: torch.Tensor, args: dict) -> torch.Tensor:
+def _gaussian_blur(op: nn.Module, x: torch.Tensor, args: dict, out: Out = None) -> torch.Tensor:
     """Separable Gaussian blur with kornia's border handling (each direction padded in turn)."""
     mode = op.flags["border_type"].name.lower()
     kx, ky = args["x"].shape[1], args["y"].shape[1]
@@ -338,7 +358,7 @@ def _gaussian_blur(op: nn.Module, x: torch.Tensor, args: dict) -> torch.Tensor:
         x = _shift_filter(F.pad(x, (kx // 2, kx // 2, 0, 0), mode=mode), args["x"], -1)
     if ky > 1:
         x = _shift_filter(F.pad(x, (0, 0, ky // 2, ky // 2), mode=mode), args["y"], -2)
-    return x
+    return _written(x, out)
 
 
 def _affine_grid(theta: torch.Tensor, height: int, width: int, align: bool) -> torch.Tensor:
@@ -385,8 +405,8 @@ def _prepare_affine(op: nn.Module, params: dict, like: torch.Tensor) -> dict | N
     return {"theta": torch.linalg.inv(unit)[:, :2].to(like.dtype)}
 
 
-def _affine(op: nn.Module, x: torch.Tensor, args: dict) -> torch.Tensor:
-    return _grid_sample(x, args["theta"], op.flags, bool(op.flags["align_corners"]))
+def _affine(op: nn.Module, x: torch.Tensor, args: dict, out: Out = None) -> torch.Tensor:
+    return _written(_grid_sample(x, args["theta"], op.flags, bool(op.flags["align_corners"])), out)
 
 
 def _prepare_crop(op: nn.Module, params: dict, like: torch.Tensor) -> dict | None:
@@ -406,8 +426,9 @@ def _prepare_crop(op: nn.Module, params: dict, like: torch.Tensor) -> dict | Non
     return {"theta": theta.to(like.dtype)}
 
 
-def _resized_crop(op: nn.Module, x: torch.Tensor, args: dict) -> torch.Tensor:
-    return _grid_sample(x, args["theta"], {**op.flags, "padding_mode": "zeros"}, True)
+def _resized_crop(op: nn.Module, x: torch.Tensor, args: dict, out: Out = None) -> torch.Tensor:
+    theta = args["theta"]
+    return _written(_grid_sample(x, theta, {**op.flags, "padding_mode": "zeros"}, True), out)
 
 
 def _prepare_erasing(op: nn.Module, params: dict, like: torch.Tensor) -> dict:
@@ -425,7 +446,9 @@ def _prepare_erasing(op: nn.Module, params: dict, like: torch.Tensor) -> dict:
     }
 
 
-def _erasing(op: nn.Module, x: torch.Tensor, args: dict) -> torch.Tensor:
+def _erasing(op: nn.Module, x: torch.Tensor, args: dict, out: Out = None) -> torch.Tensor:
+    if out is not None:
+        x = out.copy_(x)
     for i, ((left, top, right, bottom), value) in enumerate(
         zip(args["box"].tolist(), args["value"].tolist(), strict=True)
     ):
@@ -434,26 +457,25 @@ def _erasing(op: nn.Module, x: torch.Tensor, args: dict) -> torch.Tensor:
     return x
 
 
-def _blur_cpu(
-    op: nn.Module, x: torch.Tensor, args: dict, out: torch.Tensor | None = None
-) -> torch.Tensor:
+def _blur_cpu(op: nn.Module, x: torch.Tensor, args: dict, out: Out = None) -> torch.Tensor:
     if augment_cpu.blur_border(op) is None:  # a border OpenCV's filters do not have here
-        return _written(_gaussian_blur(op, x, args), out)
+        return _gaussian_blur(op, x, args, out=out)
     return augment_cpu.gaussian_blur(op, x, args, out=out)
 
 
 class _Kernel(NamedTuple):
+    """An op's fast version. ``apply`` and ``cpu`` are called as ``(op, x, args)`` or
+    ``(op, x, args, out=tensor)``: with ``out`` (shaped like ``x``, not ``x``) the result is
+    written there and ``out`` returned, ``x`` left as it was; without, see ``in_place``."""
+
     prepare: Callable[[nn.Module, dict, torch.Tensor], dict | None]
-    apply: Callable[[nn.Module, torch.Tensor, dict], torch.Tensor]
+    apply: Callable[..., torch.Tensor]
     in_place: bool = True
-    """True: ``apply`` (and ``cpu``) change their input and return it; False: they never write
-    into their input (it may be the caller's batch) and return a new tensor."""
+    """Without ``out``: True, ``apply`` (and ``cpu``) change their input and return it; False,
+    they never write into their input (it may be the caller's batch) and return a new tensor."""
     cpu: Callable[..., torch.Tensor] | None = None
     """The same op with OpenCV (:mod:`hlss.data.augment_cpu`), for ``float32`` images on the CPU;
     None: ``apply`` runs there too."""
-    cpu_out: bool = False
-    """``cpu`` takes ``out=``, a tensor shaped like its input to write the result into (only
-    kernels that are not ``in_place``)."""
 
 
 def _compute(
@@ -462,40 +484,36 @@ def _compute(
     x: torch.Tensor,
     args: dict,
     opencv: bool = True,
-    out: torch.Tensor | None = None,
+    out: Out = None,
 ) -> torch.Tensor:
     """``kernel`` on images ``x`` with ``args``: its OpenCV version where ``opencv`` is set and
-    it can run (``float32`` on the CPU), the torch one otherwise. ``out`` (for a kernel that is
-    not ``in_place``; not ``x``): the result is written there and ``out`` returned."""
-    if opencv and kernel.cpu is not None and augment_cpu.usable(x):
-        if out is not None and kernel.cpu_out:
-            return kernel.cpu(op, x, args, out=out)
-        result = kernel.cpu(op, x, args)
-    else:
-        result = kernel.apply(op, x, args)
-    return _written(result, out)
+    it can run (``float32`` on the CPU), the torch one otherwise. ``out`` (not ``x``): the result
+    is written there and ``out`` returned; ``x`` is not written."""
+    function = _function(kernel, opencv and kernel.cpu is not None and augment_cpu.usable(x))
+    return function(op, x, args) if out is None else function(op, x, args, out=out)
 
 
-def _written(result: torch.Tensor, out: torch.Tensor | None) -> torch.Tensor:
+def _function(kernel: _Kernel, cpu: bool) -> Callable[..., torch.Tensor]:
+    """``kernel``'s OpenCV version where ``cpu`` is set and it has one, its torch one otherwise."""
+    return kernel.cpu if cpu and kernel.cpu is not None else kernel.apply
+
+
+def _written(result: torch.Tensor, out: Out) -> torch.Tensor:
     """``result``, copied into ``out`` when one is given and it is another tensor."""
     return result if out is None or result is out else out.copy_(result)
 
 
 _FAST: dict[type, _Kernel] = {
     K.RandomHorizontalFlip: _Kernel(
-        _no_args, _hflip, in_place=False, cpu=augment_cpu.flip_horizontal, cpu_out=True
+        _no_args, _hflip, in_place=False, cpu=augment_cpu.flip_horizontal
     ),
-    K.RandomVerticalFlip: _Kernel(
-        _no_args, _vflip, in_place=False, cpu=augment_cpu.flip_vertical, cpu_out=True
-    ),
+    K.RandomVerticalFlip: _Kernel(_no_args, _vflip, in_place=False, cpu=augment_cpu.flip_vertical),
     RandomGaussianNoiseStd: _Kernel(_prepare_noise, _noise, cpu=augment_cpu.gaussian_noise),
     K.ColorJitter: _Kernel(_prepare_color_jitter, _clamp),
     K.RandomAutoContrast: _Kernel(_no_args, _auto_contrast),
-    K.RandomSolarize: _Kernel(_keys("thresholds", "additions"), _solarize),
+    K.RandomSolarize: _Kernel(_prepare_solarize, _solarize),
     K.RandomSharpness: _Kernel(_keys("sharpness"), _sharpness, cpu=augment_cpu.sharpness),
-    K.RandomGaussianBlur: _Kernel(
-        _prepare_blur, _gaussian_blur, in_place=False, cpu=_blur_cpu, cpu_out=True
-    ),
+    K.RandomGaussianBlur: _Kernel(_prepare_blur, _gaussian_blur, in_place=False, cpu=_blur_cpu),
     K.RandomAffine: _Kernel(_prepare_affine, _affine, in_place=False),
     RandomResizedCropKeepSize: _Kernel(_prepare_crop, _resized_crop, in_place=False),
     K.RandomErasing: _Kernel(_prepare_erasing, _erasing),
@@ -586,23 +604,34 @@ def _pixel_map(step: tuple, height: int, width: int) -> np.ndarray | None:
     return None if maps is None else maps[j]
 
 
-def _warp(op: nn.Module | None, x: torch.Tensor, args: dict) -> torch.Tensor:
-    """Bilinear, zero padding, aligned corners, with ``args["theta"]`` ``[n, 2, 3]``."""
-    grid = _affine_grid(args["theta"].to(x.dtype), int(x.shape[-2]), int(x.shape[-1]), True)
-    return F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=True)
+def _theta(pixel: torch.Tensor | np.ndarray, height: int, width: int) -> torch.Tensor:
+    """Output -> input maps in pixels ``[n, 2, 3]`` as ``grid_sample``'s aligned-corner
+    ``theta`` (float64)."""
+    full = np.zeros((pixel.shape[0], 3, 3))
+    full[:, :2], full[:, 2, 2] = np.asarray(pixel, dtype=np.float64), 1.0
+    unit, inverse = _unit_maps(height, width, True)
+    return torch.from_numpy((unit @ full @ inverse)[:, :2])
 
 
-def _warp_cpu(
-    op: nn.Module | None, x: torch.Tensor, args: dict, out: torch.Tensor | None = None
-) -> torch.Tensor:
+def _warp(op: nn.Module | None, x: torch.Tensor, args: dict, out: Out = None) -> torch.Tensor:
+    """Bilinear, zero padding, aligned corners, with ``args["theta"]`` ``[n, 2, 3]`` or, where
+    that is absent, the same maps in pixels, ``args["pixel"]``."""
+    height, width = int(x.shape[-2]), int(x.shape[-1])
+    theta = args["theta"] if "theta" in args else _theta(args["pixel"], height, width)
+    grid = _affine_grid(theta.to(x.device, x.dtype), height, width, True)
+    warped = F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=True)
+    return _written(warped, out)
+
+
+def _warp_cpu(op: nn.Module | None, x: torch.Tensor, args: dict, out: Out = None) -> torch.Tensor:
     if "pixel" not in args or not augment_cpu.exact_warp():
-        return _written(_warp(op, x, args), out)
+        return _warp(op, x, args, out=out)
     return augment_cpu.warp_bilinear(op, x, args, out=out)
 
 
-_WARP = _Kernel(_no_args, _warp, in_place=False, cpu=_warp_cpu, cpu_out=True)
-"""A fused run of flips/affine/crop: ``args["theta"]`` for ``grid_sample``; on the CPU, OpenCV's
-``warpAffine`` with the same map in pixels, ``args["pixel"]``."""
+_WARP = _Kernel(_no_args, _warp, in_place=False, cpu=_warp_cpu)
+"""A fused run of flips/affine/crop: its map in pixels, ``args["pixel"]`` (float64), which
+OpenCV's ``warpAffine`` takes on the CPU; ``grid_sample`` elsewhere (or ``args["theta"]``)."""
 
 
 def _fusable(step: tuple) -> bool:
@@ -625,27 +654,21 @@ def _move_flips(steps: list) -> list:
 
 def _fuse_geometry(steps: list, height: int, width: int) -> list:
     """An image's steps with each run of flips/affine/crop (holding an affine or crop) replaced
-    by one warp step ``(None, _WARP, {"theta": [1, 2, 3]}, 0)``; other steps as they were."""
+    by one warp step ``(None, _WARP, {"pixel": [1, 2, 3]}, 0)``; other steps as they were."""
     if not any(type(step[0]) in _WARPS for step in steps):
         return steps
     steps, fused, run = _move_flips(steps), [], []
 
     def close_run() -> None:
+        if not run:
+            return
         maps = [_pixel_map(step, height, width) for step in run]
         if not any(type(s[0]) in _WARPS for s in run) or any(m is None for m in maps):
             fused.extend(run)
-        else:
-            total = np.eye(3)
-            for m in maps:  # the first step's map is applied last to an output pixel
-                total = total @ m
-            unit, inverse = _unit_maps(height, width, True)
-            theta = (unit @ total @ inverse)[:2]
-            like = next(step[2]["theta"] for step in run if type(step[0]) in _WARPS)
-            args = {
-                "theta": torch.as_tensor(theta[None]).to(like),
-                "pixel": torch.as_tensor(total[None, :2]),  # float64, for OpenCV
-            }
-            fused.append((None, _WARP, args, 0))
+        else:  # the first step's map is applied last to an output pixel
+            total = functools.reduce(np.matmul, maps)
+            pixel = torch.from_numpy(np.array(total[None, :2]))  # float64, for OpenCV
+            fused.append((None, _WARP, {"pixel": pixel}, 0))
         run.clear()
 
     for step in steps:
@@ -977,7 +1000,8 @@ class BatchAugment(nn.Module):
         ``source`` is read, never written. A step that makes a new image (a warp, a blur) writes
         it straight into ``image`` or into ``spare`` (a tensor like ``image``), chosen from the
         last step back so that the result ends in ``image`` with no copy; the source is copied
-        only before a first step that works in place (or when no step was chosen)."""
+        only when no step was chosen: a first step that works in place writes its result into
+        the buffer given as its ``out``."""
         where, target = [image] * len(steps), image
         for k in range(len(steps) - 1, -1, -1):  # where each step's result must be
             where[k] = target
@@ -987,20 +1011,20 @@ class BatchAugment(nn.Module):
         if source.dtype != image.dtype:
             target.copy_(source)
             current = target
+        cpu = opencv and augment_cpu.usable(image)  # what every step computes on is like image
         for (op, kernel, args, j), into in zip(steps, where, strict=True):
             one = {key: value[j : j + 1] for key, value in args.items()}
-            if not kernel.in_place:
-                current = _compute(kernel, op, current, one, opencv, out=into)
+            function = _function(kernel, cpu)
+            if current is source or not kernel.in_place:
+                current = function(op, current, one, out=into)
                 continue
-            if current is source:
-                into.copy_(source)
-                current = into
-            result = _compute(kernel, op, current, one, opencv)
+            result = function(op, current, one)
             if result is not current:
                 current.copy_(result)
-        if current is not image:
-            image.copy_(current)
-        image.clamp_(0.0, 1.0)
+        if current is image:
+            image.clamp_(0.0, 1.0)
+        else:
+            torch.clamp(current, 0.0, 1.0, out=image)
 
     def extra_repr(self) -> str:
         return f"p={self.p}"

@@ -11,8 +11,9 @@ a given tensor 0.19 -> 0.10 ms).
 Each function has the signature of the torch kernel it stands in for, ``(op, x, args)`` with
 ``x`` ``[n, C, H, W]`` ``float32`` on the CPU (:func:`usable` says when), and returns what it
 returns up to float rounding (tests compare both with kornia), except the noise: the same
-distribution from OpenCV's generator, seeded per image (see :func:`gaussian_noise`). Those that
-make a new image (flips, blur, warp) also take ``out=``, a tensor to write it into.
+distribution from OpenCV's generator, seeded per image (see :func:`gaussian_noise`). Each also
+takes ``out=``, a tensor to write the result into; the input is then left as it was, even by
+the kernels that otherwise work in place (noise, sharpness).
 
 OpenCV is imported on first use; :func:`available` is False where it cannot be imported, and the
 torch kernels then run.
@@ -182,22 +183,28 @@ _CENTRE = np.zeros((3, 3))
 _CENTRE[1, 1] = 1.0
 
 
-def sharpness(op: nn.Module, x: torch.Tensor, args: dict) -> torch.Tensor:
+def sharpness(
+    op: nn.Module, x: torch.Tensor, args: dict, out: torch.Tensor | None = None
+) -> torch.Tensor:
     """PIL's sharpness with each image's factor ``args["sharpness"]`` ``[n]``: the interior blended
     with its ``[[1,1,1],[1,5,1],[1,1,1]] / 13`` smoothing, ``smooth + factor * (x - smooth)``;
-    border pixels kept. ``x`` is clamped to ``[0, 1]`` first and changed in place.
+    border pixels kept. ``x`` is clamped to ``[0, 1]`` first and changed in place, or, with
+    ``out`` (see :func:`_output`), clamped into ``out``, which is then changed and returned.
 
     The blend is linear in the pixels, so it is one 3 x 3 filter per image,
     ``factor * identity + (1 - factor) * smoothing``, applied in place (kornia clamps the
     smoothing to ``[0, 1]`` first, which a weighted mean of ``[0, 1]`` values is already in).
 
     Raises:
-        ValueError: an image smaller than 3 x 3.
+        ValueError: an image smaller than 3 x 3; an unusable ``out``.
     """
     cv2 = _cv2()
     if x.shape[-1] < 3 or x.shape[-2] < 3:
         raise ValueError(f"RandomSharpness needs images of at least 3 x 3; got {tuple(x.shape)}")
-    x = x.contiguous().clamp_(0.0, 1.0)
+    if out is None:
+        x = x.contiguous().clamp_(0.0, 1.0)
+    else:
+        x = torch.clamp(x, 0.0, 1.0, out=_output(x, out)[0])
     src = x.numpy()
     for i, factor in enumerate(args["sharpness"].tolist()):
         weights = (factor * _CENTRE + (1.0 - factor) * _SMOOTH).astype(np.float32)
@@ -213,23 +220,33 @@ SEED_LIMIT = 2**31 - 1
 """Per-image noise seeds are drawn below this (OpenCV takes a C ``int``)."""
 
 
-def gaussian_noise(op: nn.Module, x: torch.Tensor, args: dict) -> torch.Tensor:
+def gaussian_noise(
+    op: nn.Module, x: torch.Tensor, args: dict, out: torch.Tensor | None = None
+) -> torch.Tensor:
     """Add ``N(op.mean, std^2)`` noise with each image's ``args["std"]`` ``[n]``, drawn by OpenCV's
     generator seeded with the image's ``args["seed"]`` ``[n]`` (in ``[0, SEED_LIMIT)``), so the
-    result does not depend on which thread computes which image. ``x`` is changed in place.
+    result does not depend on which thread computes which image. ``x`` is changed in place; with
+    ``out`` (see :func:`_output`) the noise is drawn into ``out`` and ``x`` added to it.
 
     The generator is OpenCV's per-thread one (``cv2.setRNGSeed`` then ``cv2.randn``); a caller's
     own OpenCV draws on the same thread continue from the last image's seed."""
     cv2 = _cv2()
-    x = x.contiguous()
-    noise = np.empty(x.shape[1:], dtype=np.float32).reshape(-1, x.shape[-1])
-    added = torch.from_numpy(noise).view(x.shape[1:])
+    if out is None:
+        x = x.contiguous()
+        noise = np.empty(x.shape[1:], dtype=np.float32)
+        into = [noise] * x.shape[0]
+    else:
+        out, planes = _output(x, out)
+        into = list(planes)
     std, seeds = args["std"].tolist(), args["seed"].tolist()
     for i in range(x.shape[0]):
         cv2.setRNGSeed(int(seeds[i]))
-        cv2.randn(noise, float(op.mean), float(std[i]))
-        x[i].add_(added)
-    return x
+        cv2.randn(into[i].reshape(-1, x.shape[-1]), float(op.mean), float(std[i]))
+        if out is None:
+            x[i].add_(torch.from_numpy(noise))
+        else:
+            out[i].add_(x[i])
+    return x if out is None else out
 
 
 def warp_bilinear(
