@@ -147,3 +147,24 @@ def test_all_ops_at_p1_on_float64_keep_dtype():
     x = torch.rand(4, 3, 32, 32, dtype=torch.float64)
     y = aug(x)
     assert y.dtype == torch.float64 and y.min() >= 0 and y.max() <= 1
+
+
+@pytest.mark.parametrize(
+    "op",
+    [
+        K.RandomAffine(degrees=10.0, translate=[0.1, 0.3], p=1.0),
+        K.RandomAffine(degrees=30.0, translate=[0.2, 0.2], scale=[0.8, 1.2], shear=10.0, p=1.0),
+        K.RandomAffine(degrees=45.0, scale=[0.7, 1.3, 0.6, 1.4], shear=[-10, 10, -20, 20], p=1.0),
+    ],
+    ids=["hidisc", "scale_shear", "anisotropic_two_shears"],
+)
+def test_affine_matrices_on_the_cpu_are_kornias(op):
+    """The CPU path composes RandomAffine's matrices in numpy; kornia composes them in torch."""
+    from hlss.data.augment import _affine_matrices
+
+    torch.manual_seed(0)
+    params = op.forward_parameters(torch.Size((64, 3, 30, 40)))
+    expected = op.compute_transformation(torch.empty(0, dtype=torch.float64), params, op.flags)
+    got = _affine_matrices(params)
+    assert got.shape == (64, 3, 3)
+    torch.testing.assert_close(torch.from_numpy(got), expected, atol=1e-12, rtol=0)

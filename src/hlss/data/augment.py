@@ -392,16 +392,51 @@ def _grid_sample(x: torch.Tensor, theta: torch.Tensor, flags: dict, align: bool)
     )
 
 
+def _affine_matrices(params: dict) -> np.ndarray:
+    """kornia's ``RandomAffine`` matrices ``[n, 3, 3]`` (input pixel -> output pixel, float64)
+    from its drawn parameters, as its ``compute_transformation`` composes them: a shear about the
+    centre, then scale and rotation by ``angle`` degrees (clockwise as displayed) about the
+    centre, then the translation. Numpy on the CPU: kornia's torch version is ~1 ms a batch of
+    small ops, all on the thread that then waits to share the images out."""
+
+    def get(key: str) -> np.ndarray:
+        return params[key].detach().cpu().double().numpy()
+
+    (cx, cy), (tx, ty), (sx, sy) = get("center").T, get("translations").T, get("scale").T
+    angle = np.deg2rad(get("angle"))
+    cos, sin = np.cos(angle), np.sin(angle)
+    n = angle.shape[0]
+    rotate = np.zeros((n, 3, 3))  # centre @ rotation(-angle) @ scale @ -centre, plus translation
+    rotate[:, 0, 0], rotate[:, 0, 1] = cos * sx, -sin * sy
+    rotate[:, 1, 0], rotate[:, 1, 1] = sin * sx, cos * sy
+    rotate[:, 0, 2] = cx - rotate[:, 0, 0] * cx - rotate[:, 0, 1] * cy + tx
+    rotate[:, 1, 2] = cy - rotate[:, 1, 0] * cx - rotate[:, 1, 1] * cy + ty
+    rotate[:, 2, 2] = 1.0
+    hx, hy = np.tan(np.deg2rad(get("shear_x"))), np.tan(np.deg2rad(get("shear_y")))
+    shear = np.zeros((n, 3, 3))
+    shear[:, 0, 0], shear[:, 0, 1], shear[:, 0, 2] = 1.0, -hx, hx * cy
+    shear[:, 1, 0], shear[:, 1, 1], shear[:, 1, 2] = -hy, 1.0 + hx * hy, hy * (cx - hx * cy)
+    shear[:, 2, 2] = 1.0
+    return rotate @ shear
+
+
 def _prepare_affine(op: nn.Module, params: dict, like: torch.Tensor) -> dict | None:
     """kornia's pixel-space matrices -> the normalised ``[n, 2, 3]`` output-to-input maps that
-    ``grid_sample`` takes (what kornia's ``warp_affine`` computes)."""
+    ``grid_sample`` takes (what kornia's ``warp_affine`` computes); on the CPU from
+    :func:`_affine_matrices`."""
     flags = op.flags
     if flags.get("fill_value") is not None or flags["padding_mode"].name.lower() == "fill":
         return None
+    height, width = int(like.shape[-2]), int(like.shape[-1])
+    align = bool(flags["align_corners"])
+    if like.device.type == "cpu":
+        unit, inverse = _unit_maps(height, width, align)
+        theta = unit @ np.linalg.inv(_affine_matrices(params)) @ inverse
+        return {"theta": torch.from_numpy(theta[:, :2]).to(like.dtype)}
     empty = like.new_empty(0, dtype=torch.float64)
     matrix = op.compute_transformation(empty, params, flags)
-    size = (int(like.shape[-2]), int(like.shape[-1]))
-    unit = normalize_homography(matrix, size, size, align_corners=bool(flags["align_corners"]))
+    size = (height, width)
+    unit = normalize_homography(matrix, size, size, align_corners=align)
     return {"theta": torch.linalg.inv(unit)[:, :2].to(like.dtype)}
 
 

@@ -86,7 +86,7 @@ def srh_base(raw: np.ndarray | torch.Tensor, out: torch.Tensor | None = None) ->
     diff = dst[0]
     np.subtract(dst[2], dst[1], out=diff)
     diff += np.float32(SRH_OFFSET)
-    np.clip(diff, 0.0, 1.0, out=diff)
+    torch.from_numpy(diff).clamp_(0.0, 1.0)  # in place; a third of np.clip's time here
     return torch.from_numpy(dst) if out is None else out
 
 
