@@ -3,6 +3,7 @@ buffers and batches broadcast along the view dimension give what the plain path 
 
 from __future__ import annotations
 
+import itertools
 from pathlib import Path
 
 import kornia.augmentation as K
@@ -216,3 +217,25 @@ def test_per_image_path_gives_the_per_op_result_wherever_each_step_writes(dtype)
         atol = 2e-3 if dtype == torch.float16 else 1e-5
         torch.testing.assert_close(a.float(), b.float(), atol=atol, rtol=0)
     assert torch.equal(x, before)
+
+
+@pytest.mark.parametrize("failing", ["first", "last"])
+def test_an_error_on_any_image_thread_is_raised_after_every_thread_stopped(monkeypatch, failing):
+    """The calling thread takes images as well as the pool's; whichever meets the error, the
+    call raises it, and only once no thread is still writing into the output."""
+    from hlss.data import augment
+
+    calls, seen, real = itertools.count(1), [], augment._fuse_geometry
+    fail_at = 1 if failing == "first" else 16
+
+    def fuse(steps, height, width):
+        seen.append(next(calls))  # next() is atomic: one call is the fail_at-th
+        if seen[-1] == fail_at:
+            raise RuntimeError("kernel failed")
+        return real(steps, height, width)
+
+    monkeypatch.setattr(augment, "_fuse_geometry", fuse)
+    aug = _hidisc(threads=2)
+    with pytest.raises(RuntimeError, match="kernel failed"):
+        aug(torch.rand(16, 3, 24, 24))
+    assert len(seen) == 16  # the other thread went on to the end of the batch before the raise

@@ -43,6 +43,7 @@ from the global generator with the other parameters).
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import functools
 import itertools
@@ -968,8 +969,10 @@ class BatchAugment(nn.Module):
 
         Each op runs on one intra-op thread (~1 MB per op: splitting it costs more than it
         gains, and with a busy CPU an OpenMP team waiting for a descheduled thread costs far
-        more); instead the images are shared out to ``torch.get_num_threads()`` Python threads
-        (torch releases the GIL in its kernels). The thread setting is restored afterwards.
+        more); instead the images are shared out to ``torch.get_num_threads()`` Python threads,
+        this one included (torch releases the GIL in its kernels), each taking the next image
+        as it finishes one (images differ in cost; fixed shares left a core idle at the end of a
+        batch). The thread setting is restored afterwards.
         Results do not depend on the number of threads: every random draw was made beforehand.
         ``x`` is the batch as given (``[..., C, H, W]``, any strides), ``like`` ``[n, C, H, W]``
         a tensor of the flattened shape; image ``i`` is read from ``x`` in place.
@@ -995,10 +998,12 @@ class BatchAugment(nn.Module):
             for j, i in enumerate(draw.chosen.tolist()):
                 plan[i].append((op, kernel, args, j))
 
-        def run(first: int, stop: int) -> None:
+        taken = itertools.count()  # the next image to take: next() on it is atomic
+
+        def run() -> None:
             with torch.no_grad():  # grad mode is per thread
                 spare = out.new_empty((1, *out.shape[1:]))  # this thread's second buffer
-                for i in range(first, stop):  # fused here: the other threads compute meanwhile
+                while (i := next(taken)) < n:  # fused here: the other threads compute meanwhile
                     steps = (
                         _fuse_geometry(plan[i], height, width) if self.fuse_geometry else plan[i]
                     )
@@ -1008,19 +1013,19 @@ class BatchAugment(nn.Module):
         threads = torch.get_num_threads()
         wanted = threads if self.threads is None else self.threads
         workers = max(1, min(wanted, n // _MIN_IMAGES_PER_THREAD))
-        bounds = [n * k // workers for k in range(workers + 1)]
         if threads != 1:
             torch.set_num_threads(1)
         opencv_threads = augment_cpu.one_thread() if self.opencv else contextlib.nullcontext()
         try:
             with opencv_threads:
-                if workers == 1:
-                    run(0, n)
-                else:
-                    pool = self._threads.pool(workers)
-                    jobs = [pool.submit(run, a, b) for a, b in itertools.pairwise(bounds)]
-                    for job in jobs:
-                        job.result()
+                pool = self._threads.pool(workers - 1) if workers > 1 else None
+                jobs = [pool.submit(run) for _ in range(workers - 1)] if pool else []
+                try:
+                    run()  # this thread takes images too
+                finally:  # no thread writes into the output once this returns or raises
+                    concurrent.futures.wait(jobs)
+                for job in jobs:
+                    job.result()  # a thread's error, raised here
         finally:
             if threads != 1:
                 torch.set_num_threads(threads)
