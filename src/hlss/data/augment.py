@@ -29,9 +29,10 @@ probability ``p``; kornia draws the op's parameters per image).
 On the CPU, when every chosen op has a fast kernel (below), each image goes through all its ops in
 turn while it is in the cache, the images are shared out to ``torch.get_num_threads()`` threads
 (each op on one intra-op thread), an image's flips, affine and crop are sampled in one pass
-("fused geometry"), the output batch memory is reused once the caller has dropped it, a step
-that makes a new image (a warp, a blur, a flip) writes it straight into the output or into a
-spare buffer, chosen so that the last one lands in the output without a copy, and flips, blur,
+("fused geometry"), the output batch memory is reused once the caller has dropped it, every
+step writes its result straight into the output or into a spare buffer (the first one reading
+the batch itself: every kernel takes ``out=``), chosen so that the last one lands in the output
+without a copy, and flips, blur,
 sharpness, noise and the fused warp run as OpenCV kernels (:mod:`hlss.data.augment_cpu`;
 ``opencv=False`` keeps torch's).
 
