@@ -1000,6 +1000,7 @@ class BatchAugment(nn.Module):
                 plan[i].append((op, kernel, args, j))
 
         taken = itertools.count()  # the next image to take: next() on it is atomic
+        cpu = self.opencv and augment_cpu.usable(out)  # every step computes on images like out
 
         def run() -> None:
             with torch.no_grad():  # grad mode is per thread
@@ -1009,7 +1010,7 @@ class BatchAugment(nn.Module):
                         _fuse_geometry(plan[i], height, width) if self.fuse_geometry else plan[i]
                     )
                     source = x[where[i]] if lead else x
-                    BatchAugment._one_image(out[i : i + 1], source[None], steps, self.opencv, spare)
+                    BatchAugment._one_image(out[i : i + 1], source[None], steps, cpu, spare)
 
         threads = torch.get_num_threads()
         wanted = threads if self.threads is None else self.threads
@@ -1034,7 +1035,7 @@ class BatchAugment(nn.Module):
 
     @staticmethod
     def _one_image(
-        image: torch.Tensor, source: torch.Tensor, steps: list, opencv: bool, spare: torch.Tensor
+        image: torch.Tensor, source: torch.Tensor, steps: list, cpu: bool, spare: torch.Tensor
     ) -> None:
         """Write ``source`` ``[1, C, H, W]`` with its chosen ``steps`` applied into ``image``.
 
@@ -1042,7 +1043,8 @@ class BatchAugment(nn.Module):
         it straight into ``image`` or into ``spare`` (a tensor like ``image``), chosen from the
         last step back so that the result ends in ``image`` with no copy; the source is copied
         only when no step was chosen: a first step that works in place writes its result into
-        the buffer given as its ``out``."""
+        the buffer given as its ``out``. ``cpu``: each op's OpenCV kernel where it has one
+        (decided once per batch, :func:`augment_cpu.usable`), else its torch one."""
         where, target = [image] * len(steps), image
         for k in range(len(steps) - 1, -1, -1):  # where each step's result must be
             where[k] = target
@@ -1052,7 +1054,6 @@ class BatchAugment(nn.Module):
         if source.dtype != image.dtype:
             target.copy_(source)
             current = target
-        cpu = opencv and augment_cpu.usable(image)  # what every step computes on is like image
         for (op, kernel, args, j), into in zip(steps, where, strict=True):
             one = {key: value[j : j + 1] for key, value in args.items()}
             function = _function(kernel, cpu)

@@ -234,16 +234,16 @@ def gaussian_noise(
     if out is None:
         x = x.contiguous()
         noise = np.empty(x.shape[1:], dtype=np.float32)
-        into = [noise] * x.shape[0]
+        added = torch.from_numpy(noise)
     else:
         out, planes = _output(x, out)
-        into = list(planes)
     std, seeds = args["std"].tolist(), args["seed"].tolist()
     for i in range(x.shape[0]):
+        drawn = noise if out is None else planes[i]
         cv2.setRNGSeed(int(seeds[i]))
-        cv2.randn(into[i].reshape(-1, x.shape[-1]), float(op.mean), float(std[i]))
+        cv2.randn(drawn.reshape(-1, x.shape[-1]), float(op.mean), float(std[i]))
         if out is None:
-            x[i].add_(torch.from_numpy(noise))
+            x[i].add_(added)
         else:
             out[i].add_(x[i])
     return x if out is None else out
