@@ -66,8 +66,22 @@ def load_checkpoint_file(path: str, map_location=None, mmap: bool = False) -> di
                 raise
             return torch.load(path, map_location=map_location or "cpu", weights_only=True)
     except Exception as err:  # torch.load fails in many ways on a damaged file
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise HLSSError(f"{path}: not a readable checkpoint ({first})") from None
+        raise HLSSError(f"{path}: not a readable checkpoint ({_load_failure(err)})") from None
+
+
+def _load_failure(err: Exception) -> str:
+    """The reason in one line. torch's safe loader opens its message with advice to load with
+    ``weights_only=False`` (which runs any code the file holds): its own error is kept instead."""
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    if not lines:
+        return type(err).__name__
+    if not lines[0].startswith("Weights only load failed"):
+        return lines[0]
+    reason = "it holds more than tensors and plain values, or is not a torch file"
+    after = str(err).strip().partition("\n")[2].rpartition("WeightsUnpickler error:")[2]
+    details = [line.strip() for line in after.splitlines() if line.strip()]
+    detail = next((d for d in details if not d.startswith("Check the documentation")), "")
+    return f"{reason}: {detail}" if detail else reason
 
 
 def resume_requested(resume: str | None, search_root: str) -> bool:

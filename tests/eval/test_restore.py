@@ -283,3 +283,26 @@ def test_mismatching_weights_name_checkpoint_and_keys(tiny_run):
         load_trained_model(ckpt, cfg=cfg)
     text = _one_line(err)
     assert ckpt in text and "missing" in text and "unexpected" in text
+
+
+@pytest.mark.parametrize("content", [b"not a checkpoint\n", None], ids=["text", "pickled_object"])
+def test_a_file_the_safe_loader_refuses_is_not_met_with_advice_to_load_it_unsafely(
+    tmp_path, content
+):
+    """torch's message opens with "re-run with weights_only=False" (runs the file's code); the
+    line says what is wrong with the file instead, with torch's own reason."""
+    import pickle
+
+    path = tmp_path / "file.ckpt"
+    if content is None:
+        path.write_bytes(
+            pickle.dumps({"state": os.getcwd}, protocol=2)
+        )  # a callable: not plain data
+    else:
+        path.write_bytes(content)
+    with pytest.raises(HLSSError) as err:
+        load_checkpoint_file(str(path))
+    line = _one_line(err)
+    assert line.startswith(f"{path}: not a readable checkpoint (it holds more than tensors")
+    assert "weights_only" not in line and "False" not in line
+    assert ": " in line.split("torch file", 1)[1]  # torch's own reason follows
