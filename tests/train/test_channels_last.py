@@ -13,7 +13,7 @@ from hlss.train.optim import adamw_warmup_cosine
 from tests.train.test_module import fake_batch
 
 
-def module(channels_last):
+def module(channels_last, compile=False):
     from hlss import losses
     from hlss.models.backbones import build_backbone
     from hlss.models.dual_encoder import DualEncoder
@@ -32,6 +32,7 @@ def module(channels_last):
         objective,
         optimizer=partial(adamw_warmup_cosine, lr=1e-2),
         channels_last=channels_last,
+        compile=compile,
     )
 
 

@@ -161,6 +161,8 @@ def test_lone_checkpoint_carries_resolved_config(in_tmp):
         ("seed=abc", "error: seed=abc: Value 'abc'"),
         ("loss=nope", "error: In 'train': Could not find 'loss/nope'"),
         ("loader.num_workers=-1", "error: loader.num_workers must be >= 0"),
+        ("compile=fast", "error: compile must be true, false or a mapping of torch.compile"),
+        ("compile={mode:fastest}", "error: compile: torch.compile refuses {'mode': 'fastest'}"),
     ],
 )
 def test_console_script_refuses_bad_override_in_one_line(in_tmp, override, expected):

@@ -25,6 +25,7 @@ class TrainConfig:
     resume: str | None = None
     gather: bool = True
     channels_last: Any = "auto"
+    compile: Any = False
     paths: PathsConfig = field(default_factory=PathsConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     dataset: Any = None

@@ -157,6 +157,7 @@ def run_training(cfg: DictConfig, output_dir: str) -> dict:
         gather=bool(cfg.get("gather", True)),
         run_config=run_config,
         channels_last=cfg.get("channels_last", "auto"),
+        compile=run_config.get("compile", False),
     )
     if point is not None:
         check_weights_fit(point, module.state_dict())

@@ -9,6 +9,7 @@ import lightning as L
 import torch
 
 from hlss.errors import HLSSError
+from hlss.train.compiling import compile_arguments
 
 
 class NonFiniteLossError(HLSSError):
@@ -47,6 +48,16 @@ class HLSSModule(L.LightningModule):
             convolution weights and the image batch in channels-last memory order, which the
             GPU's tensor-core convolutions run fastest in (bf16/fp16). Values are unchanged;
             checkpoints stay loadable either way.
+        compile: compile the backbone with ``torch.compile`` when training starts: ``False``
+            (default), ``True`` (torch's defaults) or a mapping of ``torch.compile``'s keyword
+            arguments (``mode``, ``backend``, ``fullgraph``, ``dynamic``, ``options``). The
+            backbone is compiled in place (:meth:`torch.nn.Module.compile`), so its weight names,
+            and every checkpoint, stay as without it. The first step then takes the compile
+            time (~45 s for CLIP RN50 on an H200), every later one fewer kernel launches.
+
+    Raises:
+        HLSSError: ``channels_last`` or ``compile`` is not one of the values above, or names a
+            ``torch.compile`` mode or backend that torch does not know.
     """
 
     def __init__(
@@ -57,6 +68,7 @@ class HLSSModule(L.LightningModule):
         gather: bool = True,
         run_config: Mapping | None = None,
         channels_last: bool | str = "auto",
+        compile: bool | Mapping = False,
     ):
         super().__init__()
         self.run_config = dict(run_config) if run_config is not None else None
@@ -69,6 +81,13 @@ class HLSSModule(L.LightningModule):
             raise HLSSError(f"channels_last must be auto, true or false, got {channels_last!r}")
         self.channels_last = channels_last
         self._memory_format = torch.contiguous_format
+        self.compile_kwargs = compile_arguments(compile)
+
+    def _compile_backbone(self) -> None:
+        if self.compile_kwargs is None or getattr(self, "_compiled", False):
+            return
+        self.model.backbone.compile(**self.compile_kwargs)
+        self._compiled = True
 
     def setup(self, stage: str) -> None:
         # Before the strategy moves and wraps the model (DDP registers the weights' layout).
@@ -80,6 +99,8 @@ class HLSSModule(L.LightningModule):
         if wanted:
             self._memory_format = torch.channels_last
             self.model.to(memory_format=torch.channels_last)
+        if stage == "fit":
+            self._compile_backbone()
 
     def forward(self, images: torch.Tensor) -> dict:
         return self.model(images)

@@ -16,6 +16,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 from hlss.data.batch import check_batch
 from hlss.errors import ConfigError
+from hlss.train.compiling import compile_arguments
 
 
 def process_count(trainer: Mapping[str, Any]) -> int:
@@ -96,9 +97,12 @@ def preflight(cfg: DictConfig) -> str | None:
         The checkpoint to resume from, or ``None``.
 
     Raises:
-        HLSSError: the first problem found, as one line (a missing dataset root, metadata that does
-            not read, a batch the train split cannot fill, no checkpoint to resume from).
+        HLSSError: the first problem found, as one line (a ``compile`` setting torch refuses, a
+            missing dataset root, metadata that does not read, a batch the train split cannot
+            fill, no checkpoint to resume from).
     """
+    setting = cfg.get("compile", False)
+    compile_arguments(OmegaConf.to_container(setting) if OmegaConf.is_config(setting) else setting)
     table = build_table(cfg)
     loader = cfg.loader
     check_batch(
