@@ -50,6 +50,8 @@ TARGETS = [
     ("gpu", "loader_images_per_s", None, None),
     ("gpu", "pipeline_images_per_s", None, None),
     ("gpu", "loader_keeps_up", None, None),
+    ("gpu", "train_compiled_images_per_s", None, None),
+    ("gpu", "pipeline_compiled_images_per_s", None, None),
     ("gpu", "knn_eval_scale_s", None, None),
 ]
 

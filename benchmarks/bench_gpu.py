@@ -14,6 +14,9 @@ random weights (no hub needed) on a generated OpenSRH-layout set of 300-px patch
 * ``pipeline_images_per_s``: loader -> device -> augmentation -> step, as training runs it;
   ``loader_keeps_up`` is whether that reaches 95% of the fixed-batch step;
 * ``augment_images_per_s``: the HiDisc augmentation alone, batched on the GPU;
+* ``train_compiled_images_per_s`` and ``pipeline_compiled_images_per_s``: the full step and the
+  pipeline with the backbone compiled as ``compile=true`` does it (``torch.compile``, torch's
+  defaults; ``compile_s``: the first step's compile time);
 * ``knn_eval_scale``: kNN (k=200) of 58,000 queries against 232,000 references at dim 2048 on the
   GPU with the backend ``knn.backend=auto`` picks there (FAISS GPU when installed, else torch),
   its agreement with exact float32 kNN, and the GPU memory it peaked at.
@@ -195,6 +198,26 @@ def _loader(cfg, stepper: _Stepper, quick: bool) -> dict:
     }
 
 
+def _compiled(cfg, stepper: _Stepper, batch: dict, quick: bool) -> dict:
+    """The full step and the pipeline with the backbone compiled in place (``compile=true``);
+    ``--quick`` traces without code generation (``backend="eager"``), a smoke test only."""
+    images = int(np.prod(batch["image"].shape[:4]))
+    stepper.model.backbone.compile(**({"backend": "eager"} if quick else {}))
+    sync(stepper.device)
+    start = time.perf_counter()
+    stepper.step(batch, True, True, True)
+    sync(stepper.device)
+    compile_s = time.perf_counter() - start
+    seconds = _median_seconds(
+        lambda: stepper.step(batch, True, True, True), stepper.device, 2, 2 if quick else 10
+    )
+    return {
+        "compile_s": round(compile_s, 1),
+        "train_compiled_images_per_s": round(images / seconds, 1),
+        "pipeline_compiled_images_per_s": _loader(cfg, stepper, quick)["pipeline_images_per_s"],
+    }
+
+
 def _augment(stepper: _Stepper, batch: dict, quick: bool) -> float:
     images = int(np.prod(batch["image"].shape[:4]))
     seconds = _median_seconds(
@@ -304,6 +327,7 @@ def measure(
         result["loader_keeps_up"] = bool(
             result["pipeline_images_per_s"] >= 0.95 * result["train_images_per_s"]
         )
+        result.update(_compiled(cfg, stepper, batch, quick))
         if device.type == "cuda":
             result["peak_gpu_mb_train"] = round(torch.cuda.max_memory_allocated(device) / 2**20, 1)
         del stepper, batch
