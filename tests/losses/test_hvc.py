@@ -250,3 +250,11 @@ def test_each_level_decreases_under_adam(level):
         loss.backward()
         optimizer.step()
     assert hvc(z, ids)["hvc"].item() < 0.8 * first
+
+
+def test_supcon_of_one_image_is_zero_with_zero_gradients():
+    z = torch.randn(1, 4, requires_grad=True)
+    loss = supcon(z, torch.tensor([3]))
+    assert loss.item() == 0.0
+    loss.backward()
+    assert torch.equal(z.grad, torch.zeros_like(z))

@@ -244,3 +244,25 @@ def test_config_factory_level_weight_rule():
     assert partial.align_weights == {"patch": 0.0, "slide": 1.0, "patient": 0.0}
     with pytest.raises(ValueError, match="temperature"):
         hierarchical_objective(temperature=0.0)
+
+
+@pytest.mark.parametrize("align", [None, NearestDescriptionKL, AttributeConsistency])
+@pytest.mark.parametrize("shared_head", [False, True])
+def test_objective_never_waits_for_the_device(align, shared_head):
+    """No value goes from the device to the host while the objective runs (no ``.item()``,
+    ``bool()`` or shape that depends on values, each a GPU sync): dynamo traces the whole
+    objective as one graph."""
+    dynamo = pytest.importorskip("torch._dynamo")
+    objective = HLSSObjective(HierarchicalVisualContrast(), align() if align else None)
+    ids, text = hierarchy_ids(), text_bank() if align else None
+    heads = torch.randn(B, 6) if shared_head else {level: torch.randn(B, 6) for level in LEVELS}
+    u = torch.randn(B, D_TEXT) if align else None
+
+    def loss(heads, u):
+        return objective(heads, ids, text_embeddings=text, text_space=u)["loss"]
+
+    dynamo.reset()
+    explained = dynamo.explain(loss)(heads, u)
+    reasons = [str(b.reason).splitlines()[0] for b in explained.break_reasons]
+    assert explained.graph_break_count == 0, reasons
+    assert explained.graph_count == 1

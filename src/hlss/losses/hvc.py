@@ -109,17 +109,19 @@ def supcon(
         logits = x @ x.t() / temperature
         eye = torch.eye(x.shape[0], dtype=torch.bool, device=x.device)
         positives = (groups[:, None] == groups[None, :]) & ~eye
-        n_pos = positives.sum(dim=1)
-        anchors = n_pos > 0
-        if not bool(anchors.any()):
+        if x.shape[0] < 2:  # no a != i: no anchor, and logsumexp over nothing is -inf
             return z.sum() * 0.0
+        n_pos = positives.sum(dim=1)
         # log-denominator over all a != i; the diagonal is removed with -inf, so logsumexp is
         # stable (it subtracts the row maximum internally).
         log_denominator = torch.logsumexp(logits.masked_fill(eye, float("-inf")), dim=1)
         log_prob = logits - log_denominator[:, None]
         pos_log_prob = torch.where(positives, log_prob, torch.zeros_like(log_prob)).sum(dim=1)
-        mean_pos = pos_log_prob[anchors] / n_pos[anchors]
-        return -(temperature / base_temperature) * mean_pos.mean()
+        # The mean over anchors (rows with a positive) without selecting them: a row without
+        # positives has pos_log_prob 0, so it adds 0. No host-device sync (a GPU never waits).
+        mean_pos = pos_log_prob / n_pos.clamp(min=1)
+        anchors = (n_pos > 0).sum().clamp(min=1)
+        return -(temperature / base_temperature) * mean_pos.sum() / anchors
 
 
 class HierarchicalVisualContrast(nn.Module):
