@@ -346,6 +346,32 @@ def test_datamodule_moves_one_copy_of_each_patch_and_expands_on_the_device(monke
     assert torch.equal(out["patient"], torch.arange(2))
 
 
+@pytest.mark.parametrize("expanded", [True, False])
+def test_the_count_of_bad_patches_stays_on_the_host(monkeypatch, expanded):
+    """``bad`` is read by the training step each step; on a GPU, reading it from the device
+    would make the step wait for the GPU, so the data module never moves it."""
+    from lightning.pytorch.core.hooks import DataHooks
+
+    from hlss.data.datamodule import HierarchicalDataModule
+    from hlss.data.hierarchy import expand_views
+
+    image = torch.rand(2, 2, 2, 1, 3, 4, 4)
+    batch = {"image": image, "patient": torch.arange(2), "bad": torch.tensor([0, 1])}
+    batch = expand_views({**batch, "views": torch.tensor(2)}) if expanded else batch
+    seen = []
+
+    def spy(self, batch, device, dataloader_idx):
+        seen.extend(batch)
+        return batch
+
+    monkeypatch.setattr(DataHooks, "transfer_batch_to_device", spy)
+    out = HierarchicalDataModule(table=lambda: None).transfer_batch_to_device(
+        batch, torch.device("cpu"), 0
+    )
+    assert "patient" in seen and "bad" not in seen
+    assert out["bad"] is batch["bad"] and set(out) == set(batch)
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_pinned_loader_batch_reaches_the_gpu_with_its_views(table):
     from torch.utils.data import default_collate
@@ -365,6 +391,7 @@ def test_pinned_loader_batch_reaches_the_gpu_with_its_views(table):
     )
     plain = default_collate([ds[key] for key in keys])
     assert moved["image"].is_cuda and torch.equal(moved["image"].cpu(), plain["image"])
+    assert moved["bad"].device.type == "cpu"  # read by the training step: no GPU sync
 
 
 def test_patches_of_different_sizes_in_one_patient_are_one_data_error(tmp_path):

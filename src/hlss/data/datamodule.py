@@ -34,6 +34,9 @@ STOP_SIGNALS = tuple(
     getattr(signal, n) for n in ("SIGINT", "SIGTERM", "SIGUSR1") if hasattr(signal, n)
 )
 
+# batch keys that stay on the host when a batch moves to the device (read there each step)
+HOST_KEYS = ("bad",)
+
 
 def loader_worker_init(worker_id: int) -> None:
     """Loader workers ignore the stop signals: Ctrl-C reaches the whole process group, and a
@@ -305,15 +308,23 @@ class HierarchicalDataModule(L.LightningDataModule):
     def transfer_batch_to_device(self, batch, device: torch.device, dataloader_idx: int):
         """Move a batch to ``device``; an image whose views share memory
         (:func:`hlss.data.hierarchy.shares_views`) travels as one copy per patch and is expanded
-        to its ``T`` views on the device (a plain ``.to`` would copy all ``T``)."""
-        image = batch.get("image") if isinstance(batch, dict) else None
-        if image is None or not shares_views(image):
+        to its ``T`` views on the device (a plain ``.to`` would copy all ``T``). The count of
+        unreadable patches (``bad``) stays on the host, where the training step reads it (on the
+        device, reading it would make every step wait for the GPU)."""
+        if not isinstance(batch, dict):
             return super().transfer_batch_to_device(batch, device, dataloader_idx)
+        host = {k: batch[k] for k in HOST_KEYS if k in batch}
+        image = batch.get("image")
+        if image is None or not shares_views(image):
+            moved = {k: v for k, v in batch.items() if k not in host}
+            return {**super().transfer_batch_to_device(moved, device, dataloader_idx), **host}
         rest = super().transfer_batch_to_device(
-            {k: v for k, v in batch.items() if k != "image"}, device, dataloader_idx
+            {k: v for k, v in batch.items() if k != "image" and k not in host},
+            device,
+            dataloader_idx,
         )
         one = image[:, :, :, :1].to(device, non_blocking=True)
-        return {**rest, "image": one.expand(image.shape)}
+        return {**rest, **host, "image": one.expand(image.shape)}
 
     def on_after_batch_transfer(self, batch: dict, dataloader_idx: int) -> dict:
         trainer = getattr(self, "trainer", None)
