@@ -103,14 +103,14 @@ def supcon(
             f"groups must have shape [B] = [{z.shape[0]}] to match z {tuple(z.shape)}, "
             f"got {tuple(groups.shape)}"
         )
+    if z.shape[0] < 2:  # no a != i: no anchor, and a logsumexp over nothing would be -inf
+        return z.sum() * 0.0
     with full_precision(z.device):
         x = F.normalize(upcast(z), dim=1)
         groups = groups.to(x.device)
         logits = x @ x.t() / temperature
         eye = torch.eye(x.shape[0], dtype=torch.bool, device=x.device)
         positives = (groups[:, None] == groups[None, :]) & ~eye
-        if x.shape[0] < 2:  # no a != i: no anchor, and logsumexp over nothing is -inf
-            return z.sum() * 0.0
         n_pos = positives.sum(dim=1)
         # log-denominator over all a != i; the diagonal is removed with -inf, so logsumexp is
         # stable (it subtracts the row maximum internally).

@@ -82,9 +82,10 @@ class HLSSModule(L.LightningModule):
         self.channels_last = channels_last
         self._memory_format = torch.contiguous_format
         self.compile_kwargs = compile_arguments(compile)
+        self._compiled = False
 
     def _compile_backbone(self) -> None:
-        if self.compile_kwargs is None or getattr(self, "_compiled", False):
+        if self.compile_kwargs is None or self._compiled:
             return
         self.model.backbone.compile(**self.compile_kwargs)
         self._compiled = True
