@@ -8,6 +8,7 @@ import json
 import os
 import shlex
 import signal
+import sqlite3
 import subprocess
 import sys
 import textwrap
@@ -82,6 +83,15 @@ def stopped(proc: subprocess.Popen, cwd, code: int) -> str:
     return lines[0].split("resume with: ", 1)[1]
 
 
+def logged_steps(cwd, run_id: str) -> list[int]:
+    """The steps of ``train/loss`` in the MLflow run ``run_id`` of ``cwd/outputs/mlruns.db``."""
+    with sqlite3.connect(os.path.join(cwd, "outputs", "mlruns.db")) as db:
+        rows = db.execute(
+            "select step from metrics where run_uuid=? and key='train/loss'", (run_id,)
+        ).fetchall()
+    return sorted(step for (step,) in rows)
+
+
 @pytest.mark.timeout(3 * WAIT_S)
 def test_sigterm_saves_last_step_and_resume_continues_exactly(tmp_path):
     work = tmp_path / "work"
@@ -96,7 +106,13 @@ def test_sigterm_saves_last_step_and_resume_continues_exactly(tmp_path):
     assert [r["step"] for r in done] == list(range(1, k + 1))
     ckpts = glob.glob(os.path.join(run_dir, "checkpoints", "*.ckpt"))
     assert ckpts == [os.path.join(run_dir, "checkpoints", "last.ckpt")]  # the signal's only
-    assert load_checkpoint_file(ckpts[0])["global_step"] == k  # the last completed step
+    state = load_checkpoint_file(ckpts[0])
+    assert state["global_step"] == k  # the last completed step
+    # the default MLflow logger buffers steps; the stop wrote all it held: every completed step
+    # but the last (Lightning numbers them from 0, and logs a step after its callbacks, so the
+    # stop comes before step k is logged)
+    run_id = state["hlss"]["mlflow_run_id"]
+    assert logged_steps(work, run_id) == list(range(k - 1))
 
     argv = shlex.split(command)
     assert argv[0] == "hlss-train" and argv[1] == f"resume={run_dir}"
@@ -112,6 +128,7 @@ def test_sigterm_saves_last_step_and_resume_continues_exactly(tmp_path):
     assert "not resumable" not in resumed.stderr
     after = [r for r in rows_of(work / "outputs") if r["step"] > k]
     assert [r["step"] for r in after] == [k + 1, k + 2]
+    assert logged_steps(work, run_id) == [*range(k - 1), k, k + 1]  # the same run, continued
 
     # an uninterrupted run draws the same patches at every step
     run_train(*LONG, "logger=none", f"trainer.max_steps={k + 2}", f"paths.root={tmp_path / 'ref'}")
