@@ -1,10 +1,11 @@
 """The training run's MLflow logger: Lightning's ``MLFlowLogger`` writing steps in batches.
 
 Lightning logs a step's metrics with one MLflow ``log_batch`` per call, two calls a step here
-(the losses, the learning rate). Against a sqlite store each call is a transaction: ~6 ms of
-the training process on a 2-core CPU, ~12 ms a step, which a GPU step of ~100 ms waits for.
+(the losses, the learning rate). Against a sqlite store each call is a transaction: ~15 ms of
+the training process a step on a 2-core CPU, which a GPU step of ~100 ms waits for.
 :class:`BufferedMLFlowLogger` keeps the metrics of up to ``flush_every_n_steps`` steps (or
-``flush_every_s`` seconds) and writes them in one call (~1 ms a step for 10 steps). Every metric
+``flush_every_s`` seconds) and writes them in one call (~2 ms a step for 10 steps;
+``benchmarks/bench_logger.py``). Every metric
 still carries its own step and time. Nothing is lost on the way out: the buffer is written
 when a checkpoint is saved, when the run ends, fails or is stopped by a signal (Lightning
 finalizes its loggers then), and at interpreter exit.
@@ -67,6 +68,7 @@ class BufferedMLFlowLogger(MLFlowLogger):
         self._pending: list = []  # mlflow.entities.Metric
         self._pending_steps: set[int] = set()
         self._oldest: float | None = None
+        self._renamed: set[str] = set()  # metric names already warned about
 
     @rank_zero_only
     def log_metrics(self, metrics: Mapping[str, float], step: int | None = None) -> None:
@@ -80,7 +82,8 @@ class BufferedMLFlowLogger(MLFlowLogger):
                 log.warning("not logging the text metric %s=%s", key, value)
                 continue
             name = _NOT_IN_A_KEY.sub("", key)
-            if name != key:
+            if name != key and key not in self._renamed:
+                self._renamed.add(key)
                 log.warning("MLflow metric %r logged as %r (characters MLflow refuses)", key, name)
             self._pending.append(Metric(name, float(value), int(now * 1000), step or 0))
         self._pending_steps.add(step or 0)
