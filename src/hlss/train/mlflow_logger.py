@@ -69,6 +69,7 @@ class BufferedMLFlowLogger(MLFlowLogger):
         self._pending_steps: set[int] = set()
         self._oldest: float | None = None
         self._renamed: set[str] = set()  # metric names already warned about
+        _OPEN.add(self)
 
     @rank_zero_only
     def log_metrics(self, metrics: Mapping[str, float], step: int | None = None) -> None:
@@ -88,7 +89,6 @@ class BufferedMLFlowLogger(MLFlowLogger):
             self._pending.append(Metric(name, float(value), int(now * 1000), step or 0))
         self._pending_steps.add(step or 0)
         self._oldest = now if self._oldest is None else self._oldest
-        _OPEN.add(self)
         if (
             len(self._pending_steps) >= self.flush_every_n_steps
             or now - self._oldest >= self.flush_every_s
