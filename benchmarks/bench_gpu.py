@@ -15,8 +15,8 @@ random weights (no hub needed) on a generated OpenSRH-layout set of 300-px patch
   ``loader_keeps_up`` is whether that reaches 95% of the fixed-batch step;
 * ``augment_images_per_s``: the HiDisc augmentation alone, batched on the GPU;
 * ``train_compiled_images_per_s`` and ``pipeline_compiled_images_per_s``: the full step and the
-  pipeline with the backbone compiled as ``compile=true`` does it (``torch.compile``, torch's
-  defaults; ``compile_s``: the first step's compile time);
+  pipeline with the model's forward and the objective compiled as ``compile=true`` does it
+  (``torch.compile``, torch's defaults; ``compile_s``: the first step's compile time);
 * ``knn_eval_scale``: kNN (k=200) of 58,000 queries against 232,000 references at dim 2048 on the
   GPU with the backend ``knn.backend=auto`` picks there (FAISS GPU when installed, else torch),
   its agreement with exact float32 kNN, and the GPU memory it peaked at.
@@ -199,10 +199,13 @@ def _loader(cfg, stepper: _Stepper, quick: bool) -> dict:
 
 
 def _compiled(cfg, stepper: _Stepper, batch: dict, quick: bool) -> dict:
-    """The full step and the pipeline with the backbone compiled in place (``compile=true``);
-    ``--quick`` traces without code generation (``backend="eager"``), a smoke test only."""
+    """The full step and the pipeline with the model's forward and the objective compiled in place,
+    as ``compile=true`` does; ``--quick`` traces without code generation (``backend="eager"``), a
+    smoke test only."""
     images = int(np.prod(batch["image"].shape[:4]))
-    stepper.model.backbone.compile(**({"backend": "eager"} if quick else {}))
+    arguments = {"backend": "eager"} if quick else {}
+    stepper.model.compile(**arguments)
+    stepper.objective.compile(**arguments)
     sync(stepper.device)
     start = time.perf_counter()
     stepper.step(batch, True, True, True)

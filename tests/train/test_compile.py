@@ -1,4 +1,5 @@
-"""``compile``: ``torch.compile`` for the backbone when training starts (a GPU speed-up)."""
+"""``compile``: ``torch.compile`` for the model's forward and the objective when training starts
+(a GPU speed-up)."""
 
 from __future__ import annotations
 
@@ -45,20 +46,25 @@ def test_bad_compile_setting_is_one_line(value, message):
     assert "\n" not in str(err.value) and "known options are" not in str(err.value)
 
 
-def test_backbone_is_compiled_in_place_for_fit_only():
+def test_model_and_objective_are_compiled_in_place_for_fit_only():
     plain, compiled = module(False), module(False, compile=EAGER)
     compiled.setup("validate")
-    assert compiled.model.backbone._compiled_call_impl is None  # not for evaluation
+    assert compiled.model._compiled_call_impl is None  # not for evaluation
+    assert compiled.objective._compiled_call_impl is None
     plain.setup("fit")
     compiled.setup("fit")
-    assert plain.model.backbone._compiled_call_impl is None
-    assert compiled.model.backbone._compiled_call_impl is not None
+    assert plain.model._compiled_call_impl is None
+    assert plain.objective._compiled_call_impl is None
+    assert compiled.model._compiled_call_impl is not None
+    assert compiled.objective._compiled_call_impl is not None
+    compiled.setup("fit")  # a second setup (another fit of the same module) compiles nothing more
+    assert compiled.model._compiled_call_impl is not None
     # compiled in place: the same weight names, so checkpoints do not depend on it
     assert list(compiled.state_dict()) == list(plain.state_dict())
     assert not any("_orig_mod" in k for k in compiled.state_dict())
 
 
-def test_compiled_backbone_gives_the_same_losses_and_gradients():
+def test_compiled_step_gives_the_same_losses_and_gradients():
     plain, compiled = module(False), module(False, compile=EAGER)
     compiled.model.load_state_dict(plain.model.state_dict())
     losses_and_gradients_agree(plain, compiled, loss_atol=1e-6, grad_rel=1e-6)

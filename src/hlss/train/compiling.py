@@ -1,7 +1,7 @@
-"""The ``compile`` setting of a training run: ``torch.compile`` for the backbone.
+"""The ``compile`` setting of a training run: ``torch.compile`` for the training step's network.
 
-``compile: false`` (default) trains eagerly; ``true`` compiles the backbone with torch's defaults
-when training starts; a mapping passes ``torch.compile``'s keyword arguments. Checked here, in
+``compile: false`` (default) trains eagerly; ``true`` compiles the model's forward and the
+objective with torch's defaults when training starts (:class:`hlss.train.module.HLSSModule`); a mapping passes ``torch.compile``'s keyword arguments. Checked here, in
 the preflight, so a misspelt mode is one line before anything is built.
 """
 

@@ -48,12 +48,15 @@ class HLSSModule(L.LightningModule):
             convolution weights and the image batch in channels-last memory order, which the
             GPU's tensor-core convolutions run fastest in (bf16/fp16). Values are unchanged;
             checkpoints stay loadable either way.
-        compile: compile the backbone with ``torch.compile`` when training starts: ``False``
-            (default), ``True`` (torch's defaults) or a mapping of ``torch.compile``'s keyword
-            arguments (``mode``, ``backend``, ``fullgraph``, ``dynamic``, ``options``). The
-            backbone is compiled in place (:meth:`torch.nn.Module.compile`), so its weight names,
-            and every checkpoint, stay as without it. The first step then takes the compile
-            time (~45 s for CLIP RN50 on an H200), every later one fewer kernel launches.
+        compile: compile the training step's network with ``torch.compile`` when training
+            starts: ``False`` (default), ``True`` (torch's defaults) or a mapping of
+            ``torch.compile``'s keyword arguments (``mode``, ``backend``, ``fullgraph``,
+            ``dynamic``, ``options``). Two parts are compiled, each in place
+            (:meth:`torch.nn.Module.compile`): the model's forward (backbone, projection and heads)
+            and the objective (its contrastive and language terms, one graph with no host sync).
+            Between them stays the all-gather of a multi-GPU run. Weight names, and every
+            checkpoint, stay as without it. The first step then takes the compile time (~45 s for
+            CLIP RN50 on an H200), every later one far fewer kernel launches.
 
     Raises:
         HLSSError: ``channels_last`` or ``compile`` is not one of the values above, or names a
@@ -84,10 +87,11 @@ class HLSSModule(L.LightningModule):
         self.compile_kwargs = compile_arguments(compile)
         self._compiled = False
 
-    def _compile_backbone(self) -> None:
+    def _compile(self) -> None:
         if self.compile_kwargs is None or self._compiled:
             return
-        self.model.backbone.compile(**self.compile_kwargs)
+        self.model.compile(**self.compile_kwargs)
+        self.objective.compile(**self.compile_kwargs)
         self._compiled = True
 
     def setup(self, stage: str) -> None:
@@ -101,7 +105,7 @@ class HLSSModule(L.LightningModule):
             self._memory_format = torch.channels_last
             self.model.to(memory_format=torch.channels_last)
         if stage == "fit":
-            self._compile_backbone()
+            self._compile()
 
     def forward(self, images: torch.Tensor) -> dict:
         return self.model(images)
