@@ -207,6 +207,25 @@ def test_open_clip_text_random_seeded():
         OpenCLIPTextEncoder(model="RN50", pretrained="/no/such/clip.pt")
 
 
+def test_random_text_tower_leaves_every_generator_alone(monkeypatch):
+    """Building the seeded random tower (only when the text cache misses) must not move the
+    global generators: not the CPU's, and not the GPUs' (``torch.manual_seed`` reseeds those
+    too, so a run that embedded its descriptions drew other GPU augmentations than one that
+    read them from the cache)."""
+    gpu_seeds = []
+    monkeypatch.setattr(torch.cuda, "manual_seed_all", lambda seed: gpu_seeds.append(seed))
+    monkeypatch.setattr(torch.cuda, "manual_seed", lambda seed: gpu_seeds.append(seed))
+    torch.manual_seed(123)
+    gpu_seeds.clear()
+    cpu_state = torch.get_rng_state()
+    first = OpenCLIPTextEncoder(model="RN50", pretrained=None, seed=1).encode(["necrosis"])
+    assert gpu_seeds == []
+    assert torch.equal(torch.get_rng_state(), cpu_state)
+    torch.manual_seed(7)  # another global state: the tower is the same (its own seed)
+    second = OpenCLIPTextEncoder(model="RN50", pretrained=None, seed=1).encode(["necrosis"])
+    torch.testing.assert_close(first, second)
+
+
 def test_open_clip_ensembles_with_open_clip_builder(monkeypatch, tmp_path):
     import open_clip.zero_shot_classifier as zsc
 

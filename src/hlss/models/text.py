@@ -298,8 +298,11 @@ class OpenCLIPTextEncoder:
         from hlss.models.backbones import create_open_clip
 
         if self._kind == "random":
+            # The random tower is built on the CPU: seed and restore the CPU generator only.
+            # (torch.manual_seed would also reseed the GPUs, so a run that embeds its attribute
+            # descriptions would draw other GPU augmentations than one that reads them cached.)
             with torch.random.fork_rng(devices=[]):
-                torch.manual_seed(self.seed)
+                torch.default_generator.manual_seed(self.seed)
                 clip, _, _ = create_open_clip(self.model_name, None, self.cache_dir)
         elif self._kind == "file":
             path = os.path.expanduser(str(self.pretrained))
