@@ -16,6 +16,7 @@ import time
 
 import pytest
 from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.loggers.logger import Logger
 
 from hlss.checkpoints import find_checkpoint, load_checkpoint_file
 from tests.train.helpers import TINY, run_train
@@ -108,11 +109,10 @@ def test_sigterm_saves_last_step_and_resume_continues_exactly(tmp_path):
     assert ckpts == [os.path.join(run_dir, "checkpoints", "last.ckpt")]  # the signal's only
     state = load_checkpoint_file(ckpts[0])
     assert state["global_step"] == k  # the last completed step
-    # the default MLflow logger buffers steps; the stop wrote all it held: every completed step
-    # but the last (Lightning numbers them from 0, and logs a step after its callbacks, so the
-    # stop comes before step k is logged)
+    # the default MLflow logger buffers steps; the stop logged the stopped step and wrote all
+    # the logger held: every completed step (Lightning numbers them from 0)
     run_id = state["hlss"]["mlflow_run_id"]
-    assert logged_steps(work, run_id) == list(range(k - 1))
+    assert logged_steps(work, run_id) == list(range(k))
 
     argv = shlex.split(command)
     assert argv[0] == "hlss-train" and argv[1] == f"resume={run_dir}"
@@ -128,7 +128,7 @@ def test_sigterm_saves_last_step_and_resume_continues_exactly(tmp_path):
     assert "not resumable" not in resumed.stderr
     after = [r for r in rows_of(work / "outputs") if r["step"] > k]
     assert [r["step"] for r in after] == [k + 1, k + 2]
-    assert logged_steps(work, run_id) == [*range(k - 1), k, k + 1]  # the same run, continued
+    assert logged_steps(work, run_id) == list(range(k + 2))  # the same run, continued, no gap
 
     # an uninterrupted run draws the same patches at every step
     run_train(*LONG, "logger=none", f"trainer.max_steps={k + 2}", f"paths.root={tmp_path / 'ref'}")
@@ -243,3 +243,67 @@ def test_kill_9_during_a_save_never_leaves_a_truncated_last_ckpt(tmp_path):
     assert len(leftovers) == 1 and leftovers[0].startswith(".last.ckpt.")  # the truncated write
     assert load_checkpoint_file(str(path))["global_step"] == 1  # the previous checkpoint, whole
     assert find_checkpoint("auto", str(tmp_path)) == str(path)
+
+
+class Recorder(Logger):
+    """A logger that keeps every ``log_metrics`` call: ``calls = [(step, metrics)]``."""
+
+    name, version = "recorder", 0
+
+    def __init__(self):
+        super().__init__()
+        self.calls: list[tuple[int, dict]] = []
+
+    def log_metrics(self, metrics, step=None):
+        self.calls.append((step, dict(metrics)))
+
+    def log_hyperparams(self, params, *args, **kwargs):
+        pass
+
+
+@pytest.mark.parametrize("every", [1, 2])
+def test_a_stopped_step_is_logged_before_the_checkpoint(tmp_path, every):
+    """In process: a signal noticed at the end of step 3 logs that step's metrics (at the step
+    number Lightning would have used) before ``last.ckpt`` is written; with
+    ``log_every_n_steps=2`` only the steps Lightning logs anyway."""
+    import lightning as L
+    from lightning.pytorch.demos.boring_classes import BoringModel
+
+    from hlss.train.preemption import Preemption
+
+    class Logged(BoringModel):
+        def training_step(self, batch, batch_idx):
+            out = super().training_step(batch, batch_idx)
+            self.log("train/loss", out["loss"], on_step=True)
+            return out
+
+    preemption = Preemption()
+    saved: list[int] = []
+
+    class SignalAtStep3(Callback):  # runs before Preemption's hook: the signal arrives mid-step
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            if trainer.global_step == 3:
+                preemption.received = int(signal.SIGTERM)
+
+        def on_save_checkpoint(self, trainer, pl_module, checkpoint):
+            saved.append(len(recorder.calls))
+
+    recorder = Recorder()
+    trainer = L.Trainer(
+        max_steps=10,
+        logger=recorder,
+        callbacks=[SignalAtStep3(), preemption],
+        log_every_n_steps=every,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=tmp_path,
+        accelerator="cpu",
+    )
+    with pytest.raises(SystemExit) as stop:
+        trainer.fit(Logged())
+    assert stop.value.code == 143
+    steps = [step for step, metrics in recorder.calls if "train/loss" in metrics]
+    assert steps == ([0, 1, 2] if every == 1 else [1])
+    assert saved == [len(recorder.calls)]  # logged before the checkpoint was written
+    assert os.path.isfile(tmp_path / "checkpoints" / "last.ckpt")

@@ -131,10 +131,21 @@ class Preemption(Callback):
         words = [self.program, f"resume={target}", *self.overrides]
         return " ".join(shlex.quote(w) for w in words)
 
+    @staticmethod
+    def _log_step(trainer: L.Trainer) -> None:
+        """Hand the stopped step's metrics to the loggers, as Lightning would have right after
+        the callbacks' ``on_train_batch_end`` (the stop comes first), at the step number it
+        would have used; the checkpoint then writes out what the logger buffers. Without this a
+        stopped and resumed run's curves miss the stopped step."""
+        connector = trainer._logger_connector
+        if trainer.loggers and connector.should_update_logs:
+            connector.log_metrics(connector.metrics["log"])
+
     def on_train_batch_end(self, trainer: L.Trainer, pl_module, outputs, batch, batch_idx) -> None:
         signum = self._agreed_signal(trainer)
         if not signum:
             return
+        self._log_step(trainer)
         path = self.checkpoint_path(trainer)
         trainer.save_checkpoint(path, weights_only=False)  # the full training state
         name = signal.Signals(signum).name
