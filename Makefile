@@ -5,6 +5,8 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.hlss-installed
 DEMO_DIR ?= demo
 ARGS ?=
+# test processes: pytest-xdist's `auto` (one per CPU core), at most 4; TEST_WORKERS=0 runs in one
+TEST_WORKERS ?= auto
 
 .PHONY: install test demo train eval lint format bench ui clean
 
@@ -17,7 +19,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 test: $(STAMP)
-	$(BIN)/python -m pytest tests
+	$(BIN)/python -m pytest tests -n $(TEST_WORKERS) --maxprocesses 4
 
 lint: $(STAMP)
 	$(BIN)/ruff check src tests benchmarks
