@@ -48,6 +48,38 @@ def test_steps_are_written_in_batches_and_all_at_the_end(make):
     assert client.get_run(logger.run_id).info.status == "FINISHED"
 
 
+def _finalized_while_handling(logger: BufferedMLFlowLogger, error: BaseException) -> str:
+    """Finalize as Lightning does when ``error`` ends a fit (inside its ``except``); the run's
+    status."""
+    try:
+        raise error
+    except BaseException:
+        logger.finalize("failed")
+    return MlflowClient(logger._tracking_uri).get_run(logger.run_id).info.status
+
+
+@pytest.mark.parametrize(
+    ("error", "status"),
+    [
+        (SystemExit(143), "KILLED"),  # Preemption's stop on SIGTERM
+        (KeyboardInterrupt(), "KILLED"),  # a second Ctrl-C
+        (RuntimeError("non-finite loss"), "FAILED"),
+    ],
+)
+def test_a_run_stopped_from_outside_ends_killed_an_error_failed(make, error, status):
+    logger = make()
+    log_steps(logger, [1])
+    assert _finalized_while_handling(logger, error) == status
+    assert steps_of(logger, "train/loss") == [1]  # written either way
+
+
+def test_failed_outside_an_exception_stays_failed(make):
+    logger = make()
+    log_steps(logger, [1])
+    logger.finalize("failed")
+    assert MlflowClient(logger._tracking_uri).get_run(logger.run_id).info.status == "FAILED"
+
+
 def test_one_step_writes_every_step(make):
     logger = make(flush_every_n_steps=1)
     log_steps(logger, [1])

@@ -93,6 +93,13 @@ def logged_steps(cwd, run_id: str) -> list[int]:
     return sorted(step for (step,) in rows)
 
 
+def run_status(cwd, run_id: str) -> str:
+    """The status of the MLflow run ``run_id`` of ``cwd/outputs/mlruns.db``."""
+    with sqlite3.connect(os.path.join(cwd, "outputs", "mlruns.db")) as db:
+        (status,) = db.execute("select status from runs where run_uuid=?", (run_id,)).fetchone()
+    return status
+
+
 @pytest.mark.timeout(3 * WAIT_S)
 def test_sigterm_saves_last_step_and_resume_continues_exactly(tmp_path):
     work = tmp_path / "work"
@@ -113,6 +120,7 @@ def test_sigterm_saves_last_step_and_resume_continues_exactly(tmp_path):
     # the logger held: every completed step (Lightning numbers them from 0)
     run_id = state["hlss"]["mlflow_run_id"]
     assert logged_steps(work, run_id) == list(range(k))
+    assert run_status(work, run_id) == "KILLED"  # stopped from outside, not failed
 
     argv = shlex.split(command)
     assert argv[0] == "hlss-train" and argv[1] == f"resume={run_dir}"
@@ -129,6 +137,7 @@ def test_sigterm_saves_last_step_and_resume_continues_exactly(tmp_path):
     after = [r for r in rows_of(work / "outputs") if r["step"] > k]
     assert [r["step"] for r in after] == [k + 1, k + 2]
     assert logged_steps(work, run_id) == list(range(k + 2))  # the same run, continued, no gap
+    assert run_status(work, run_id) == "FINISHED"
 
     # an uninterrupted run draws the same patches at every step
     run_train(*LONG, "logger=none", f"trainer.max_steps={k + 2}", f"paths.root={tmp_path / 'ref'}")

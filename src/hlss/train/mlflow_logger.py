@@ -8,7 +8,8 @@ the training process a step on a 2-core CPU, which a GPU step of ~100 ms waits f
 ``benchmarks/bench_logger.py``). Every metric
 still carries its own step and time. Nothing is lost on the way out: the buffer is written
 when a checkpoint is saved, when the run ends, fails or is stopped by a signal (Lightning
-finalizes its loggers then), and at interpreter exit.
+finalizes its loggers then), and at interpreter exit. A run stopped by a signal ends ``KILLED``
+in MLflow, one that failed ``FAILED``.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import atexit
 import inspect
 import logging
 import re
+import sys
 import time
 import weakref
 from collections.abc import Mapping
@@ -113,7 +115,13 @@ class BufferedMLFlowLogger(MLFlowLogger):
 
     @rank_zero_only
     def finalize(self, status: str = "success") -> None:
+        """Write what is buffered and end the MLflow run. A run stopped by a signal or Ctrl-C
+        (Lightning finalizes with ``"failed"`` while the ``SystemExit`` of
+        :class:`hlss.train.preemption.Preemption` or the ``KeyboardInterrupt`` is handled) ends
+        ``KILLED``, as MLflow names a run stopped from outside; it resumes. Errors end ``FAILED``."""
         self.flush()
+        if status == "failed" and isinstance(sys.exc_info()[1], (SystemExit, KeyboardInterrupt)):
+            status = "KILLED"
         super().finalize(status)
 
 
