@@ -214,7 +214,9 @@ def test_find_checkpoint(tmp_path):
         find_checkpoint(str(tmp_path / "nope.ckpt"), str(tmp_path))
 
 
-def test_ddp_two_cpu_processes_see_distinct_patients(tmp_path):
+def ddp_run(cwd, *extra: str) -> dict:
+    """Two steps of ``loss=attr3levels`` in two CPU processes (gloo DDP); the run's summary."""
+    os.makedirs(cwd, exist_ok=True)
     env = dict(os.environ, PYTHONWARNINGS="ignore")
     args = [a for a in TINY if not a.startswith("loader.patients")]
     proc = subprocess.run(
@@ -229,23 +231,41 @@ def test_ddp_two_cpu_processes_see_distinct_patients(tmp_path):
             "trainer.accelerator=cpu",
             "trainer.devices=2",
             "trainer.strategy=ddp",
-            "callbacks=[default,batch_record]",
+            *extra,
         ],
         capture_output=True,
         text=True,
-        cwd=tmp_path,
+        cwd=cwd,
         env=env,
         timeout=300,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
-    (summary,) = summaries(str(tmp_path / "outputs"))
+    (summary,) = summaries(str(cwd / "outputs"))
     assert summary["global_step"] == 2
+    return summary
+
+
+def test_ddp_two_cpu_processes_see_distinct_patients(tmp_path):
+    summary = ddp_run(tmp_path, "callbacks=[default,batch_record]")
     ranks = [read_batches(summary["output_dir"], rank) for rank in (0, 1)]
     assert [len(r) for r in ranks] == [2, 2]
     for step in range(2):
         p0, p1 = set(ranks[0][step]["patients"]), set(ranks[1][step]["patients"])
         assert len(p0) == 2 and len(p1) == 2
         assert not p0 & p1  # each rank trains on its own patients
+
+
+def test_ddp_with_compile_trains_the_same_weights(tmp_path):
+    """``compile`` under DDP: the compiled forward and objective still hand every gradient to
+    DDP's all-reduce (AOTAutograd, as inductor uses it), so two steps end on the weights of the
+    eager run; a rank that kept its own gradient would not."""
+    eager = ddp_run(tmp_path / "eager")
+    compiled = ddp_run(tmp_path / "compiled", "compile={backend:aot_eager}")
+    a = load_checkpoint_file(eager["last_checkpoint"])["state_dict"]
+    b = load_checkpoint_file(compiled["last_checkpoint"])["state_dict"]
+    assert list(a) == list(b)
+    for key in a:
+        assert torch.allclose(a[key].float(), b[key].float(), atol=1e-5, rtol=1e-4), key
 
 
 @pytest.mark.parametrize("align", ["AttributeConsistency", "NearestDescriptionKL"])
