@@ -313,18 +313,15 @@ class HierarchicalDataModule(L.LightningDataModule):
         device, reading it would make every step wait for the GPU)."""
         if not isinstance(batch, dict):
             return super().transfer_batch_to_device(batch, device, dataloader_idx)
-        host = {k: batch[k] for k in HOST_KEYS if k in batch}
         image = batch.get("image")
-        if image is None or not shares_views(image):
-            moved = {k: v for k, v in batch.items() if k not in host}
-            return {**super().transfer_batch_to_device(moved, device, dataloader_idx), **host}
-        rest = super().transfer_batch_to_device(
-            {k: v for k, v in batch.items() if k != "image" and k not in host},
-            device,
-            dataloader_idx,
-        )
-        one = image[:, :, :, :1].to(device, non_blocking=True)
-        return {**rest, **host, "image": one.expand(image.shape)}
+        shared = image is not None and shares_views(image)
+        kept = {*HOST_KEYS, "image"} if shared else set(HOST_KEYS)
+        moved = {k: v for k, v in batch.items() if k not in kept}
+        out = super().transfer_batch_to_device(moved, device, dataloader_idx)
+        out.update({k: batch[k] for k in HOST_KEYS if k in batch})
+        if shared:
+            out["image"] = image[:, :, :, :1].to(device, non_blocking=True).expand(image.shape)
+        return out
 
     def on_after_batch_transfer(self, batch: dict, dataloader_idx: int) -> dict:
         trainer = getattr(self, "trainer", None)

@@ -1,8 +1,9 @@
 """The ``compile`` setting of a training run: ``torch.compile`` for the training step's network.
 
 ``compile: false`` (default) trains eagerly; ``true`` compiles the model's forward and the
-objective with torch's defaults when training starts (:class:`hlss.train.module.HLSSModule`); a mapping passes ``torch.compile``'s keyword arguments. Checked here, in
-the preflight, so a misspelt mode is one line before anything is built.
+objective with torch's defaults when training starts (:class:`hlss.train.module.HLSSModule`); a
+mapping passes ``torch.compile``'s keyword arguments. Checked here, in the preflight, so a
+misspelt mode is one line before anything is built.
 """
 
 from __future__ import annotations
@@ -18,8 +19,8 @@ COMPILE_ARGUMENTS = ("mode", "backend", "fullgraph", "dynamic", "options")
 
 
 def compile_arguments(value: Any) -> dict | None:
-    """The ``compile`` setting of :class:`hlss.train.module.HLSSModule` as ``torch.compile`` keyword arguments
-    (``None``: do not compile).
+    """The ``compile`` setting of :class:`hlss.train.module.HLSSModule` as ``torch.compile``
+    keyword arguments (``None``: do not compile).
 
     Raises:
         HLSSError: ``value`` is not a bool or a mapping of :data:`COMPILE_ARGUMENTS`, or torch
